@@ -1,0 +1,46 @@
+"""The Python API: build a composite from a config, or run any YAML the way our CLI does."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+from mergekit_multimodal.config import CompositeMergeConfig, is_composite_config, load_config
+from mergekit_multimodal.engine import execute_plan
+from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.plan import build_plan
+
+
+def compose(config: Union[CompositeMergeConfig, dict], out_path: str, options: Optional[MergeOptions] = None,
+            *, config_source: Optional[str] = None, overwrite: bool = False) -> str:
+    """Build a composite at `out_path` (complete, or not there at all) and return its path.
+
+    >>> compose({"merge_method": "mmer", "base_model": "base",
+    ...          "models": [{"model": "llava", "modality": "image"}]}, "out")  # doctest: +SKIP
+    """
+    if isinstance(config, dict):
+        config = load_config(config)
+    options = options or MergeOptions()
+    plan = build_plan(config, options)
+    return execute_plan(plan, out_path, config_source=config_source, overwrite=overwrite)
+
+
+def run_yaml(config_source: str, out_path: str, options: Optional[MergeOptions] = None, *,
+             source_name: str = "config", overwrite: bool = False) -> str:
+    """Run a YAML text: a composite config through `compose`, anything else through mergekit unchanged."""
+    options = options or MergeOptions()
+    try:
+        data = yaml.safe_load(config_source)
+    except yaml.YAMLError as exc:
+        raise CompositionError(f"{source_name}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise CompositionError(f"{source_name}: expected a mapping at the top level")
+    if is_composite_config(data):
+        return compose(load_config(data, source_name), out_path, options, config_source=config_source,
+                       overwrite=overwrite)
+    run_merge(MergeConfiguration.model_validate(data), out_path, options=options, config_source=config_source)
+    return out_path

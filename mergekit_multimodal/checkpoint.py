@@ -1,0 +1,153 @@
+"""One input checkpoint, opened lazily through mergekit's loader and split into its parts.
+
+Nothing is read but the safetensors headers until the engine asks for a tensor, and every
+failure names the checkpoint and the tensor (mergekit's loader raises bare KeyErrors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import safetensors
+import torch
+from mergekit.common import ModelReference
+from mergekit.io import LazyTensorLoader, ShardedTensorIndex
+from mergekit.options import MergeOptions
+
+from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.families import LLM, SplitLayout, layout_for
+
+
+def resolve_local_path(ref: ModelReference, options: MergeOptions) -> str:
+    """A local directory for a model reference: LoRAs merged and Hub ids fetched the way mergekit does."""
+    try:
+        merged = ref.merged(
+            cache_dir=options.lora_merge_cache,
+            trust_remote_code=options.trust_remote_code,
+            lora_merge_dtype=options.lora_merge_dtype,
+        )
+        return merged.local_path(cache_dir=options.transformers_cache)
+    except CompositionError:
+        raise
+    except Exception as exc:
+        raise CompositionError(f"{ref}: cannot open model ({type(exc).__name__}: {exc})") from None
+
+
+def _read_shapes(index: ShardedTensorIndex) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes from the shard headers; also catches corrupt and truncated files early."""
+    out = {}
+    for shard in index.shards:
+        path = os.path.join(index.base_path, shard.filename)
+        try:
+            if index.is_safetensors:
+                # safe_open validates the header against the file size (truncation, corruption)
+                with safetensors.safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        out[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+            else:
+                sd = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+                out.update({k: (tuple(v.shape), v.dtype) for k, v in sd.items()})
+        except CompositionError:
+            raise
+        except Exception as exc:
+            raise CompositionError(f"{path}: unreadable checkpoint shard ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in index.tensor_paths if k not in out]
+    if missing:
+        raise CompositionError(
+            f"{index.base_path}: the index names tensor {missing[0]!r} (and {len(missing) - 1} more) "
+            f"that its shard {index.tensor_paths[missing[0]]} does not hold"
+        )
+    return out
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return _ST_DTYPES.get(name, torch.float32)
+
+
+@dataclass
+class Checkpoint:
+    """A base or source checkpoint: config, layout, and its tensors grouped by part."""
+
+    label: str
+    path: str
+    config: dict
+    layout: SplitLayout
+    loader: LazyTensorLoader
+    shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
+    llm: Dict[str, str] = field(default_factory=dict)  # causal-LM name -> checkpoint name
+    parts: Dict[str, List[str]] = field(default_factory=dict)  # part -> checkpoint names
+
+    @classmethod
+    def open(cls, label: str, ref: ModelReference, options: MergeOptions, override=None) -> "Checkpoint":
+        path = resolve_local_path(ref, options)
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise CompositionError(f"{label} ({ref}): no config.json in {path}") from None
+        except json.JSONDecodeError as exc:
+            raise CompositionError(f"{cfg_path}: not valid JSON ({exc})") from None
+        layout = layout_for(config, f"{label} ({cfg_path})", override)
+        try:
+            index = ShardedTensorIndex.from_disk(path)
+        except Exception as exc:
+            raise CompositionError(f"{label} ({path}): no readable weights ({exc})") from None
+        shapes = _read_shapes(index)
+        ckpt = cls(label, path, config, layout, LazyTensorLoader(index, lazy_unpickle=options.lazy_unpickle), shapes)
+        for name in index.tensor_paths:
+            part, mapped = layout.classify(name)
+            if part == LLM:
+                if mapped in ckpt.llm:
+                    raise CompositionError(f"{path}: LLM tensor {mapped!r} appears twice ({ckpt.llm[mapped]!r}, {name!r})")
+                ckpt.llm[mapped] = name
+            else:
+                ckpt.parts.setdefault(part, []).append(name)
+        if not ckpt.llm:
+            raise CompositionError(
+                f"{label} ({path}): no language-model tensors found with layout {layout.family.name!r}; "
+                "check the checkpoint or give a `layout:` override"
+            )
+        return ckpt
+
+    @property
+    def tied(self) -> bool:
+        """No separate output head in the checkpoint: the head is the input embedding."""
+        return "lm_head.weight" not in self.llm
+
+    def llm_shape(self, name: str) -> Tuple[int, ...]:
+        return self.shapes[self.llm[self._head_alias(name)]][0]
+
+    def _head_alias(self, name: str) -> str:
+        if name == "lm_head.weight" and self.tied:
+            return "model.embed_tokens.weight"
+        return name
+
+    def text_config(self) -> dict:
+        """The LLM's config: the whole config for a causal LM, else its `text_config`."""
+        if self.layout.family.text_only:
+            return dict(self.config)
+        text = self.config.get("text_config")
+        if not isinstance(text, dict):
+            raise CompositionError(f"{self.path}/config.json: no text_config for the language model")
+        return dict(text)
+
+    def get(self, name: str, *, llm: bool = True) -> torch.Tensor:
+        """One tensor (an LLM tensor by its causal-LM name), checked to be finite."""
+        key = self.llm[self._head_alias(name)] if llm else name
+        try:
+            t = self.loader.get_tensor(key)
+        except Exception as exc:
+            raise CompositionError(f"{self.path}: cannot read tensor {key!r} ({type(exc).__name__}: {exc})") from None
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CompositionError(f"{self.path}: tensor {key!r} holds NaN or inf values")
+        return t
