@@ -101,7 +101,10 @@ class Checkpoint:
         try:
             index = ShardedTensorIndex.from_disk(path)
         except Exception as exc:
-            raise CompositionError(f"{label} ({path}): no readable weights ({exc})") from None
+            # an unsharded checkpoint's file is opened while indexing: name it
+            single = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))]
+            where = os.path.join(path, single[0]) if single else path
+            raise CompositionError(f"{label}: {where}: no readable weights ({exc})") from None
         shapes = _read_shapes(index)
         ckpt = cls(label, path, config, layout, LazyTensorLoader(index, lazy_unpickle=options.lazy_unpickle), shapes)
         for name in index.tensor_paths:
