@@ -1,0 +1,63 @@
+"""Rebuild a modality's LLM weights (its route) from a composite on disk, one tensor at a time.
+
+For MMER: route_m[t] = merged[t] + (scale_m[t] * mask_m[t] - alpha[t]) * task_vector[t],
+which is theta_base + scale_m * mask_m * tau_* (docs/methods.md). For other methods every
+modality's route is the merged LLM. The companion loader builds on this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterator, Tuple
+
+import torch
+from mergekit.io import LazyTensorLoader, ShardedTensorIndex
+from mergekit.io.lazy_tensor_loader import ShardInfo
+
+from mergekit_multimodal import layout as L
+from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.masks import unpack_mask
+
+
+def _loader(directory: str, basename: str) -> LazyTensorLoader:
+    """mergekit's loader over `<basename>.safetensors` or its sharded index (it only knows `model`)."""
+    index_path = os.path.join(directory, f"{basename}.safetensors.index.json")
+    single = os.path.join(directory, f"{basename}.safetensors")
+    if os.path.exists(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            weight_map: Dict[str, str] = json.load(f)["weight_map"]
+        shards = [ShardInfo(s, [k for k, v in weight_map.items() if v == s]) for s in sorted(set(weight_map.values()))]
+        return LazyTensorLoader(ShardedTensorIndex(directory, True, weight_map, shards), lazy_unpickle=False)
+    if os.path.exists(single):
+        return LazyTensorLoader(ShardedTensorIndex.from_file(single), lazy_unpickle=False)
+    raise CompositionError(f"{directory}: no {basename}.safetensors (or index) in the composite")
+
+
+def read_composite_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, L.COMPOSITE_CONFIG), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CompositionError(f"{path}: not a composite (no {L.COMPOSITE_CONFIG})") from None
+
+
+def iter_route(path: str, modality: str, dtype: torch.dtype = torch.float32) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (causal-LM tensor name, weight) of `modality`'s route, streaming."""
+    cfg = read_composite_config(path)
+    if modality not in cfg["modalities"]:
+        raise CompositionError(f"{path}: no modality {modality!r}; it has {', '.join(cfg['modalities'])}")
+    merged = _loader(path, "model")
+    routes = cfg.get("routes")
+    if routes:
+        rdir = os.path.join(path, routes["dir"])
+        tv, masks = _loader(rdir, routes["task_vector"]), _loader(rdir, routes["masks"])
+    for name in merged.index.tensor_paths:
+        w = merged.get_tensor(name).to(dtype)
+        if routes:
+            tau = tv.get_tensor(name).to(dtype)
+            alpha = tv.get_tensor(L.alpha_key(name)).item()
+            mask = unpack_mask(masks.get_tensor(L.mask_key(modality, name)), w.shape)
+            scale = masks.get_tensor(L.scale_key(modality, name)).item()
+            w = w + (scale * mask.to(dtype) - alpha) * tau
+        yield name, w
