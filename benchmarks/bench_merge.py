@@ -89,7 +89,7 @@ def write_configs(root: Path) -> dict:
     layout = {"llm_prefix": "model.", "lm_head": "lm_head.weight", "modality_prefixes": []}
     composite = lambda params, per_model: {  # noqa: E731
         "base_model": str(root / "base"), "dtype": "bfloat16", "parameters": params,
-        "models": [{"model": s, "modality": f"m{i}", "layout": layout, **per_model} for i, s in enumerate(srcs)]}
+        "models": [{"model": s, "modality": f"m{i}", "layout": dict(layout), **per_model} for i, s in enumerate(srcs)]}
     cfgs = {
         "ties": {"merge_method": "ties", "base_model": str(root / "base"), "dtype": "bfloat16",
                  "models": [{"model": s, "parameters": {"weight": 1.0, "density": 0.5}} for s in srcs]},

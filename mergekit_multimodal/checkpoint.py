@@ -144,13 +144,21 @@ class Checkpoint:
             raise CompositionError(f"{self.path}/config.json: no text_config for the language model")
         return dict(text)
 
-    def get(self, name: str, *, llm: bool = True) -> torch.Tensor:
-        """One tensor (an LLM tensor by its causal-LM name), checked to be finite."""
-        key = self.llm[self._head_alias(name)] if llm else name
+    def key(self, name: str) -> str:
+        """The checkpoint's own name of an LLM tensor given by its causal-LM name."""
+        return self.llm[self._head_alias(name)]
+
+    def get(self, name: str, *, llm: bool = True, check_finite: bool = True) -> torch.Tensor:
+        """One tensor (an LLM tensor by its causal-LM name), by default checked to be finite."""
+        key = self.key(name) if llm else name
         try:
             t = self.loader.get_tensor(key)
         except Exception as exc:
             raise CompositionError(f"{self.path}: cannot read tensor {key!r} ({type(exc).__name__}: {exc})") from None
+        if check_finite:
+            self.check_finite(t, key)
+        return t
+
+    def check_finite(self, t: torch.Tensor, key: str) -> None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CompositionError(f"{self.path}: tensor {key!r} holds NaN or inf values")
-        return t

@@ -1,14 +1,16 @@
 """Runs a plan: streams the LLM tensor by tensor, writes the composite aside, then moves it into place.
 
-Reading goes through mergekit's LazyTensorLoader (memory-mapped, one tensor at a time) and
-writing through mergekit's TensorWriter (sharded safetensors + index). Peak memory is the
-writers' shard buffers plus the base and source tensors of the one LLM tensor being merged.
+Reading goes through mergekit's LazyTensorLoader (memory-mapped, one tensor at a time, maps
+dropped after each tensor); merging runs in row chunks of CHUNK_ELEMENTS per input; writing goes
+straight to pre-planned shard files (shard_writer.py). Peak memory is therefore one output tensor
+(merged, tau_*, masks) plus one chunk's float32 working set, whatever the model or shard size.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -17,13 +19,14 @@ from typing import Optional
 import torch
 import tqdm
 import transformers
-from mergekit.io import TensorWriter
 
 from mergekit_multimodal import layout as L
 from mergekit_multimodal.card import write_card
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.masks import pack_mask
+from mergekit_multimodal.methods.base import scales_from_sums
 from mergekit_multimodal.plan import CompositePlan, TensorJob
+from mergekit_multimodal.shard_writer import Entry, PlannedShardWriter
 
 LOG = logging.getLogger(__name__)
 
@@ -51,24 +54,35 @@ def execute_plan(plan: CompositePlan, out_path: str, config_source: Optional[str
     return out_path
 
 
+#: elements per row chunk of one input: bounds the float32 working set of a merge step
+CHUNK_ELEMENTS = 1 << 22
+
+
 def _write_composite(plan: CompositePlan, out: str, config_source: Optional[str]) -> None:
     opts = plan.options
     os.makedirs(out)
-    for i, src in enumerate(plan.sources):
+    for i in range(len(plan.sources)):
         _write_modality(plan, i, os.path.join(out, L.MODALITIES_DIR, plan.modalities[i]))
 
-    llm = TensorWriter(out, max_shard_size=opts.out_shard_size, safe_serialization=True)
-    routes_dir = os.path.join(out, L.ROUTES_DIR)
-    tv = masks = None
+    writers = {"llm": PlannedShardWriter(out, [Entry(j.name, j.shape, j.out_dtype) for j in plan.jobs],
+                                         opts.out_shard_size)}
     if plan.routed:
-        tv = TensorWriter(routes_dir, max_shard_size=opts.out_shard_size, override_basename=L.TASK_VECTOR_BASENAME)
-        masks = TensorWriter(routes_dir, max_shard_size=opts.out_shard_size, override_basename=L.MASKS_BASENAME)
+        routes_dir = os.path.join(out, L.ROUTES_DIR)
+        tv, masks = [], []
+        for j in plan.jobs:
+            tv += [Entry(j.name, j.shape, j.out_dtype), Entry(L.alpha_key(j.name), (), torch.float32)]
+            packed = ((math.prod(j.shape) + 7) // 8,)
+            for m in plan.modalities:
+                masks += [Entry(L.mask_key(m, j.name), packed, torch.uint8), Entry(L.scale_key(m, j.name), (), torch.float32)]
+        writers["tv"] = PlannedShardWriter(routes_dir, tv, opts.out_shard_size, L.TASK_VECTOR_BASENAME)
+        writers["masks"] = PlannedShardWriter(routes_dir, masks, opts.out_shard_size, L.MASKS_BASENAME)
     bar = tqdm.tqdm(plan.jobs, desc=f"Composing ({plan.method.name})", unit="tensor", disable=opts.quiet)
     for job in bar:
-        _merge_tensor(plan, job, llm, tv, masks)
-    for w in (llm, tv, masks):
-        if w is not None:
-            w.finalize()
+        _merge_tensor(plan, job, writers)
+        for ckpt in [plan.base] + plan.sources:
+            ckpt.loader.flush()  # drop the shard's memory map: its pages would otherwise count in RSS
+    for w in writers.values():
+        w.close()
 
     _write_llm_config(plan, out)
     _write_tokenizer(plan, out)
@@ -83,59 +97,84 @@ def _write_composite(plan: CompositePlan, out: str, config_source: Optional[str]
         write_card(plan, out, yaml_text)
 
 
-def _merge_tensor(plan: CompositePlan, job: TensorJob, llm: TensorWriter, tv, masks) -> None:
-    device = plan.options.device or "cpu"
-    v0 = plan.vocab.base_rows
-    full = [s.get(job.name) for s in plan.sources]
+def _row_chunks(job: TensorJob, rows: int, chunkable: bool):
+    """Row slices of the merged part of a tensor: one slice when the method needs the whole tensor."""
+    if len(job.shape) == 0:
+        return [...]
+    if not chunkable:
+        return [slice(0, rows)]
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(job.shape[1:])))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
-    def prep(t: torch.Tensor) -> torch.Tensor:
-        return (t[:v0] if job.vocab_rows else t).to(device=device, dtype=plan.compute_dtype)
 
-    base_t = plan.base.get(job.name) if plan.method.uses_base else None
-    out_dtype = plan.out_dtype or (base_t.dtype if base_t is not None else full[0].dtype)
-    params = plan.method.resolve(job.name, job.t, plan.global_params, plan.source_params)
+def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
+    """Merge one LLM tensor in row chunks; write the merged tensor and, for MMER, its routes."""
+    method, device, dtype = plan.method, plan.options.device or "cpu", plan.compute_dtype
+    rows = plan.vocab.base_rows if job.vocab_rows else (job.shape[0] if job.shape else 0)
+    inputs = ([plan.base] if method.uses_base else []) + plan.sources
+    raw = [c.get(job.name, check_finite=False) for c in inputs]
+    raw = [t[:rows] if job.vocab_rows else t for t in raw]
+    params = method.resolve(job.name, job.t, plan.global_params, plan.source_params)
+    base_raw = raw[0] if method.uses_base else None
+    src_raw = raw[1:] if method.uses_base else raw
     try:
-        result = plan.method.merge(prep(base_t) if base_t is not None else None, [prep(t) for t in full], params)
-    except CompositionError:
-        raise
+        state = method.prepare(base_raw, src_raw, params, dtype)
     except Exception as exc:
-        raise CompositionError(f"merging LLM tensor {job.name!r} with {plan.method.name} failed: {exc}") from exc
+        raise CompositionError(f"merging LLM tensor {job.name!r} with {method.name} failed: {exc}") from exc
 
-    merged = _with_carried_rows(plan, job, result.merged, full)
-    llm.save_tensor(job.name, merged.to("cpu", out_dtype), clone=plan.options.clone_tensors)
-    if result.routes is not None:
-        tau = _pad_rows(job, result.routes.task_vector, 0)
-        tv.save_tensor(job.name, tau.to("cpu", out_dtype))
-        tv.save_tensor(L.alpha_key(job.name), torch.tensor(float(params.shared["alpha"]), dtype=torch.float32))
-        for modality, mask, scale in zip(plan.modalities, result.routes.masks, result.routes.scales):
-            masks.save_tensor(L.mask_key(modality, job.name), pack_mask(_pad_rows(job, mask, False)))
-            masks.save_tensor(L.scale_key(modality, job.name), torch.tensor(scale, dtype=torch.float32))
+    merged = torch.zeros(job.shape, dtype=job.out_dtype)
+    tau = torch.zeros(job.shape, dtype=job.out_dtype) if plan.routed else None
+    masks = [torch.zeros(job.shape, dtype=torch.bool) for _ in plan.sources] if plan.routed else []
+    tau_l1 = [0.0] * len(plan.sources)
+    masked_l1 = [0.0] * len(plan.sources)
+    rescale = False
+    for sl in _row_chunks(job, rows, method.chunkable):
+        chunk = []
+        for ckpt, t in zip(inputs, raw):
+            x = t[sl].to(device=device, dtype=dtype)
+            ckpt.check_finite(x, ckpt.key(job.name))
+            chunk.append(x)
+        try:
+            res = method.merge(chunk[0] if method.uses_base else None, chunk[1:] if method.uses_base else chunk,
+                               params, state)
+        except CompositionError:
+            raise
+        except Exception as exc:
+            raise CompositionError(f"merging LLM tensor {job.name!r} with {method.name} failed: {exc}") from exc
+        merged[sl] = res.merged.to("cpu", job.out_dtype)
+        if res.routes is not None:
+            tau[sl] = res.routes.task_vector.to("cpu", job.out_dtype)
+            for i, m in enumerate(res.routes.masks):
+                masks[i][sl] = m.to("cpu")
+            tau_l1 = [a + b for a, b in zip(tau_l1, res.routes.tau_l1)]
+            masked_l1 = [a + b for a, b in zip(masked_l1, res.routes.masked_l1)]
+            rescale = res.routes.rescale
+        del chunk, res
 
-
-def _pad_rows(job: TensorJob, t: torch.Tensor, fill) -> torch.Tensor:
-    if t.shape[0] == job.shape[0]:
-        return t
-    pad = torch.full((job.shape[0] - t.shape[0],) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
-    return torch.cat([t, pad])
-
-
-def _with_carried_rows(plan: CompositePlan, job: TensorJob, merged: torch.Tensor, full) -> torch.Tensor:
-    """Rows a source added to the vocabulary are copied from that source; padding rows are zero."""
-    if not job.vocab_rows:
-        return merged
-    out = _pad_rows(job, merged, 0)
-    for c in plan.vocab.carried:
-        out[c.row] = full[c.source][c.source_row].to(out.device, out.dtype)
-    return out
+    if job.vocab_rows:  # rows a source added are copied from it; padding rows stay zero
+        full = {i: plan.sources[i].get(job.name, check_finite=False) for i in {c.source for c in plan.vocab.carried}}
+        for c in plan.vocab.carried:
+            row = full[c.source][c.source_row]
+            plan.sources[c.source].check_finite(row, plan.sources[c.source].key(job.name))
+            merged[c.row] = row.to(job.out_dtype)
+    writers["llm"].write(job.name, merged)
+    if plan.routed:
+        writers["tv"].write(job.name, tau)
+        writers["tv"].write(L.alpha_key(job.name), torch.tensor(float(params.shared["alpha"]), dtype=torch.float32))
+        for modality, mask, scale in zip(plan.modalities, masks, scales_from_sums(tau_l1, masked_l1, rescale)):
+            writers["masks"].write(L.mask_key(modality, job.name), pack_mask(mask))
+            writers["masks"].write(L.scale_key(modality, job.name), torch.tensor(scale, dtype=torch.float32))
 
 
 def _write_modality(plan: CompositePlan, i: int, out: str) -> None:
     src = plan.sources[i]
-    writer = TensorWriter(out, max_shard_size=plan.options.out_shard_size)
-    for part, names in sorted(src.parts.items()):
-        for name in names:
-            writer.save_tensor(name, src.get(name, llm=False))
-    writer.finalize()
+    names = [n for _, ns in sorted(src.parts.items()) for n in ns]
+    writer = PlannedShardWriter(out, [Entry(n, src.shapes[n][0], src.shapes[n][1]) for n in names],
+                                plan.options.out_shard_size)
+    for name in names:
+        writer.write(name, src.get(name, llm=False))
+    src.loader.flush()
+    writer.close()
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(src.config, f, indent=2)
     for name in L.PROCESSOR_FILES:
@@ -157,8 +196,7 @@ def _write_llm_config(plan: CompositePlan, out: str) -> None:
     cfg.architectures = [arch] if arch else None
     cfg.vocab_size = plan.vocab.rows
     cfg.tie_word_embeddings = plan.tied_output
-    if plan.out_dtype is not None:
-        cfg.dtype = plan.out_dtype
+    cfg.dtype = plan.jobs[0].out_dtype if plan.jobs else cfg.dtype
     cfg.save_pretrained(out)
 
 

@@ -31,6 +31,7 @@ class TensorJob:
     shape: Tuple[int, ...]
     vocab_rows: bool  # rows past the base vocabulary are carried from sources
     t: float  # depth in [0, 1], for mergekit-style parameter gradients
+    out_dtype: torch.dtype
 
 
 @dataclass
@@ -46,7 +47,6 @@ class CompositePlan:
     jobs: List[TensorJob]
     tied_output: bool
     compute_dtype: torch.dtype
-    out_dtype: Optional[torch.dtype]
     global_params: Dict
     source_params: List[Dict]
 
@@ -120,7 +120,8 @@ def build_plan(config: CompositeMergeConfig, options: MergeOptions) -> Composite
         m = _LAYER.search(name)
         t = int(m.group(1)) / max(n_layers - 1, 1) if m else 0.0
         shape = (vocab.rows,) + tuple(base_shape[1:]) if is_vocab else tuple(base_shape)
-        jobs.append(TensorJob(name, shape, is_vocab, t))
+        out_dtype = dtype_from_name(config.out_dtype or config.dtype) or base.shapes[base.key(name)][1]
+        jobs.append(TensorJob(name, shape, is_vocab, t, out_dtype))
 
     return CompositePlan(
         config=config,
@@ -134,7 +135,6 @@ def build_plan(config: CompositeMergeConfig, options: MergeOptions) -> Composite
         jobs=jobs,
         tied_output=tied_output,
         compute_dtype=dtype_from_name(config.dtype) or torch.float32,
-        out_dtype=dtype_from_name(config.out_dtype or config.dtype),
         global_params=global_params,
         source_params=source_params,
     )

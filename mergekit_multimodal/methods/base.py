@@ -22,11 +22,27 @@ _SETTING = TypeAdapter(ParameterSetting)
 
 @dataclass
 class Routes:
-    """MMER's per-modality routes for one tensor: route_i = base + scales[i] * masks[i] * task_vector."""
+    """MMER's per-modality routes for one tensor (or row chunk): route_i = base + s_i * masks[i] * task_vector.
+
+    s_i = tau_l1[i] / masked_l1[i] when rescaling (EMR), else 1; the sums are kept so the
+    engine can add them up over the row chunks of a tensor before dividing.
+    """
 
     task_vector: torch.Tensor
     masks: List[torch.Tensor]
-    scales: List[float]
+    tau_l1: List[float]
+    masked_l1: List[float]
+    rescale: bool = False
+
+    @property
+    def scales(self) -> List[float]:
+        return scales_from_sums(self.tau_l1, self.masked_l1, self.rescale)
+
+
+def scales_from_sums(tau_l1: Sequence[float], masked_l1: Sequence[float], rescale: bool) -> List[float]:
+    if not rescale:
+        return [1.0] * len(tau_l1)
+    return [n / d if d > 0 else 1.0 for n, d in zip(tau_l1, masked_l1)]
 
 
 @dataclass
@@ -60,9 +76,18 @@ class CompositeMethod(ABC):
     name: str
     uses_base: bool = True
     param_defs: Sequence[ParamDef] = ()
+    #: every output element depends only on the same element of the inputs (given `prepare`'s
+    #: state), so the engine may merge a tensor in row chunks and keep memory bounded
+    chunkable: bool = False
+
+    def prepare(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams,
+                dtype: Optional[torch.dtype] = None) -> Any:
+        """Whole-tensor statistics a chunked merge needs (e.g. TIES thresholds), computed in `dtype`."""
+        return None
 
     @abstractmethod
-    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams) -> MergeOutput:
+    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams,
+              state: Any = None) -> MergeOutput:
         ...
 
     def check_parameters(self, global_params: Mapping[str, Any], source_params: Sequence[Mapping[str, Any]], where: str):

@@ -18,7 +18,10 @@ from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, Param
 
 
 class MergekitMethod(CompositeMethod):
-    """Adapter: binds the YAML parameters to a mergekit method's spec and merges one tensor group."""
+    """Adapter: binds the YAML parameters to a mergekit method's spec and merges one tensor group.
+
+    Not chunkable: mergekit methods may use whole-tensor statistics (TIES' top-k, SLERP's norms).
+    """
 
     def __init__(self, name: str):
         self.method = merge_methods.get(name)
@@ -41,7 +44,8 @@ class MergekitMethod(CompositeMethod):
             if p.required and p.name not in global_params and not all(p.name in sp for sp in source_params):
                 raise CompositionError(f"{where}: merge_method {self.name} needs parameter {p.name!r}")
 
-    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams) -> MergeOutput:
+    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams,
+              state=None) -> MergeOutput:
         ids = [f"source{i}" for i in range(len(sources))]
         tensors = list(sources)
         base_index = None

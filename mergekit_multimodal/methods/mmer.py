@@ -44,30 +44,32 @@ def _choice(*options):
     return check
 
 
-def trim_to_density(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude (TIES' trim)."""
+def trim_threshold(tau: torch.Tensor, density: float) -> float:
+    """|tau| value at and above which an entry survives TIES' trim to `density` (ties kept)."""
     if density >= 1.0:
-        return tau
+        return 0.0
     k = int(density * tau.numel())
     if k <= 0:
-        return torch.zeros_like(tau)
+        return float("inf")
     flat = tau.abs().flatten()
-    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    return torch.kthvalue(flat, flat.numel() - k + 1).values.item()
 
 
-def elect(taus: Sequence[torch.Tensor], election: str = "max", density: float = 1.0) -> torch.Tensor:
-    """The merged task vector tau_* (see the module docstring)."""
-    if election == "ties":
-        taus = [trim_to_density(t, density) for t in taus]
-    stacked = torch.stack(list(taus))
-    gamma = torch.sign(stacked.sum(dim=0))
-    agree = torch.sign(stacked) == gamma.unsqueeze(0)
-    agree &= stacked != 0
-    if election == "max":
-        return gamma * torch.where(agree, stacked.abs(), torch.zeros_like(stacked)).amax(dim=0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return torch.where(agree, stacked, torch.zeros_like(stacked)).sum(dim=0) / count
+def elect(taus: Sequence[torch.Tensor], election: str = "max", thresholds: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """The merged task vector tau_* (see the module docstring), one source at a time to save memory."""
+    if thresholds is not None:
+        taus = [torch.where(t.abs() >= thr, t, torch.zeros_like(t)) for t, thr in zip(taus, thresholds)]
+    gamma = torch.sign(sum(taus))
+    best = torch.zeros_like(gamma)
+    count = torch.zeros_like(gamma) if election == "ties" else None
+    for t in taus:
+        agree = (t * gamma) > 0  # same sign as the election, and nonzero
+        if election == "max":
+            torch.maximum(best, torch.where(agree, t.abs(), 0.0), out=best)
+        else:
+            best += torch.where(agree, t, 0.0)
+            count += agree
+    return gamma * best if election == "max" else best / count.clamp(min=1)
 
 
 def masks_for(taus: Sequence[torch.Tensor], tau_star: torch.Tensor, mask: str = "l1", lam: float = 1.0) -> List[torch.Tensor]:
@@ -76,14 +78,10 @@ def masks_for(taus: Sequence[torch.Tensor], tau_star: torch.Tensor, mask: str = 
     return [t.abs() >= lam * (tau_star - t).abs() for t in taus]
 
 
-def rescale_factor(tau: torch.Tensor, mask: torch.Tensor, tau_star: torch.Tensor) -> float:
-    denom = (tau_star * mask).abs().sum().item()
-    return tau.abs().sum().item() / denom if denom > 0 else 1.0
-
-
 class MMER(CompositeMethod):
     name = "mmer"
     uses_base = True
+    chunkable = True
     param_defs = (
         ParamDef("election", "max", validate=_choice("max", "ties"), help="how tau_* is elected"),
         ParamDef("density", 1.0, help="fraction of each tau_i kept before a ties election"),
@@ -93,11 +91,26 @@ class MMER(CompositeMethod):
         ParamDef("rescale", False, validate=bool, help="EMR rescale of each route"),
     )
 
-    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams) -> MergeOutput:
+    def prepare(self, base, sources, params, dtype=None):
+        """TIES needs each tau_i's whole-tensor magnitude threshold before any chunk is merged."""
         p = params.shared
+        if p["election"] != "ties" or p["density"] >= 1.0:
+            return None
+        dtype = dtype or base.dtype
+        return [trim_threshold(s.to(dtype) - base.to(dtype), p["density"]) for s in sources]
+
+    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams,
+              state=None) -> MergeOutput:
+        p = params.shared
+        if state is None:
+            state = self.prepare(base, sources, params)
         taus = [s - base for s in sources]
-        tau_star = elect(taus, p["election"], p["density"])
+        tau_star = elect(taus, p["election"], state)
         masks = masks_for(taus, tau_star, p["mask"], p["lambda"])
-        scales = [rescale_factor(t, m, tau_star) if p["rescale"] else 1.0 for t, m in zip(taus, masks)]
+        if p["rescale"]:
+            tau_l1 = [t.abs().sum().item() for t in taus]
+            masked_l1 = [torch.where(m, tau_star.abs(), 0.0).sum().item() for m in masks]
+        else:
+            tau_l1 = masked_l1 = [0.0] * len(taus)
         merged = base + p["alpha"] * tau_star
-        return MergeOutput(merged, Routes(tau_star, masks, scales))
+        return MergeOutput(merged, Routes(tau_star, masks, tau_l1, masked_l1, p["rescale"]))

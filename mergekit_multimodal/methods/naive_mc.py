@@ -38,10 +38,12 @@ def weighted_average(sources: Sequence[torch.Tensor], weights: Sequence[float], 
 class NaiveMC(CompositeMethod):
     name = "naive_mc"
     uses_base = False
+    chunkable = True
     param_defs = (
         ParamDef("weight", 1.0, per_source=True, help="weight of this source's LLM"),
         ParamDef("normalize", True, validate=bool, help="divide by the sum of weights"),
     )
 
-    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams) -> MergeOutput:
+    def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams,
+              state=None) -> MergeOutput:
         return MergeOutput(weighted_average(sources, params.per_source["weight"], params.shared["normalize"]))
