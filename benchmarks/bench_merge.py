@@ -26,6 +26,7 @@ Why subprocesses
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 import shutil
@@ -130,7 +131,10 @@ def machine() -> str:
     mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")) * 1024
     import mergekit.merge  # noqa: F401  (version only)
     from importlib.metadata import version
-    return (f"{len(os.sched_getaffinity(0))} CPUs, {mem / 2**30:.1f} GiB RAM, Python {sys.version.split()[0]}, "
+    src = Path(__file__).resolve().parents[1] / "mergekit_multimodal"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(src.rglob("*.py")))).hexdigest()[:12]
+    return (f"mergekit_multimodal sources sha256:{digest}, load average {os.getloadavg()[0]:.2f}\n"
+            f"machine: {len(os.sched_getaffinity(0))} CPUs, {mem / 2**30:.1f} GiB RAM, Python {sys.version.split()[0]}, "
             f"torch {version('torch')}, transformers {version('transformers')}, mergekit {version('mergekit')}")
 
 
@@ -144,7 +148,7 @@ def main() -> None:
     args = ap.parse_args()
 
     print("$ python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
-    print("machine:", machine())
+    print("code:", machine())
     root = Path(args.work).resolve() / args.size
     t0 = time.perf_counter()
     n_params = generate(root, args.size)
@@ -166,6 +170,7 @@ def main() -> None:
             print(f"  round {r + 1}/{args.repeats} {m:9s} wall {res['wall']:7.2f} s  "
                   f"peak RSS {res['rss'] / 2**30:6.2f} GiB  cpu {res['cpu']:7.1f} s", flush=True)
 
+    print(f"load average after the runs: {os.getloadavg()[0]:.2f} (1 min)")
     med = {m: {k: statistics.median(x[k] for x in runs[m]) for k in runs[m][0]} for m in ORDER}
     print(f"\n| method | wall s (median of {args.repeats}) | peak RSS GiB | CPU s (user+sys) | output MiB |")
     print("|---|---:|---:|---:|---:|")
