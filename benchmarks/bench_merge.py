@@ -127,13 +127,17 @@ def run_once(cmd: list, out: Path, log: Path) -> dict:
     return {"wall": wall, "rss": ru.ru_maxrss * 1024, "cpu": ru.ru_utime + ru.ru_stime, "out": out_bytes}
 
 
-def machine() -> str:
+def code_digest() -> str:
+    """Hash of the package sources, so a table can be tied to the code it measured."""
+    src = Path(__file__).resolve().parents[1] / "mergekit_multimodal"
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(src.rglob("*.py")))).hexdigest()[:12]
+
+
+def describe() -> str:
     mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")) * 1024
     import mergekit.merge  # noqa: F401  (version only)
     from importlib.metadata import version
-    src = Path(__file__).resolve().parents[1] / "mergekit_multimodal"
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(src.rglob("*.py")))).hexdigest()[:12]
-    return (f"mergekit_multimodal sources sha256:{digest}, load average {os.getloadavg()[0]:.2f}\n"
+    return (f"mergekit_multimodal sources sha256:{code_digest()}, load average {os.getloadavg()[0]:.2f}\n"
             f"machine: {len(os.sched_getaffinity(0))} CPUs, {mem / 2**30:.1f} GiB RAM, Python {sys.version.split()[0]}, "
             f"torch {version('torch')}, transformers {version('transformers')}, mergekit {version('mergekit')}")
 
@@ -148,7 +152,8 @@ def main() -> None:
     args = ap.parse_args()
 
     print("$ python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
-    print("code:", machine())
+    digest = code_digest()
+    print("code:", describe())
     root = Path(args.work).resolve() / args.size
     t0 = time.perf_counter()
     n_params = generate(root, args.size)
@@ -171,6 +176,8 @@ def main() -> None:
                   f"peak RSS {res['rss'] / 2**30:6.2f} GiB  cpu {res['cpu']:7.1f} s", flush=True)
 
     print(f"load average after the runs: {os.getloadavg()[0]:.2f} (1 min)")
+    if code_digest() != digest:
+        print(f"WARNING: mergekit_multimodal sources changed during the runs ({digest} -> {code_digest()})")
     med = {m: {k: statistics.median(x[k] for x in runs[m]) for k in runs[m][0]} for m in ORDER}
     print(f"\n| method | wall s (median of {args.repeats}) | peak RSS GiB | CPU s (user+sys) | output MiB |")
     print("|---|---:|---:|---:|---:|")
@@ -181,7 +188,7 @@ def main() -> None:
     for label, ours, theirs, key, goal in GOALS:
         ratio = med[ours][key] / med[theirs][key]
         met = "-" if goal is None else ("yes" if ratio <= goal else "NO")
-        print(f"| {label} | {ratio:.2f}x | {'-' if goal is None else f'<= {goal}x'} | {met} |")
+        print(f"| {label} | {ratio:.3f}x | {'-' if goal is None else f'<= {goal}x'} | {met} |")
 
 
 if __name__ == "__main__":

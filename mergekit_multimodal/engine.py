@@ -76,11 +76,15 @@ def _write_composite(plan: CompositePlan, out: str, config_source: Optional[str]
                 masks += [Entry(L.mask_key(m, j.name), packed, torch.uint8), Entry(L.scale_key(m, j.name), (), torch.float32)]
         writers["tv"] = PlannedShardWriter(routes_dir, tv, opts.out_shard_size, L.TASK_VECTOR_BASENAME)
         writers["masks"] = PlannedShardWriter(routes_dir, masks, opts.out_shard_size, L.MASKS_BASENAME)
-    bar = tqdm.tqdm(plan.jobs, desc=f"Composing ({plan.method.name})", unit="tensor", disable=opts.quiet)
-    for job in bar:
-        _merge_tensor(plan, job, writers)
-        for ckpt in [plan.base] + plan.sources:
-            ckpt.loader.flush()  # drop the shard's memory map: its pages would otherwise count in RSS
+    try:
+        for job in tqdm.tqdm(plan.jobs, desc=f"Composing ({plan.method.name})", unit="tensor", disable=opts.quiet):
+            _merge_tensor(plan, job, writers)
+            for ckpt in [plan.base] + plan.sources:
+                ckpt.loader.flush()  # drop the shard's memory map: its pages would otherwise count in RSS
+    except BaseException:
+        for w in writers.values():
+            w.close(check=False)
+        raise
     for w in writers.values():
         w.close()
 

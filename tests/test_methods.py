@@ -115,3 +115,13 @@ def test_mask_packing_roundtrip_and_bit_layout(shape):
     flat = mask.flatten().tolist()
     for i, bit in enumerate(flat):
         assert ((int(packed[i // 8]) >> (i % 8)) & 1) == int(bit)
+
+
+@pytest.mark.parametrize("n,k", [(200_000, 1), (200_000, 100_000), (200_000, 199_999), (300_001, 12345)])
+def test_kth_largest_radix_select_is_exact(n, k):
+    from mergekit_multimodal.methods.mmer import kth_largest
+
+    g = torch.Generator().manual_seed(n + k)
+    values = torch.randn(n, generator=g).abs()
+    values[:1000] = values[1000:2000]  # duplicates
+    assert kth_largest(values, k) == float(np.sort(values.numpy())[::-1][k - 1])
