@@ -125,3 +125,7 @@ def test_kth_largest_radix_select_is_exact(n, k):
     values = torch.randn(n, generator=g).abs()
     values[:1000] = values[1000:2000]  # duplicates
     assert kth_largest(values, k) == float(np.sort(values.numpy())[::-1][k - 1])
+    # deltas of bf16 weights: few distinct values, one high-bits bin holds most of them
+    base = torch.randn(n, generator=g).bfloat16()
+    quantized = ((base.float() + 0.01 * torch.randn(n, generator=g)).bfloat16().float() - base.float()).abs()
+    assert kth_largest(quantized, k) == float(np.sort(quantized.numpy())[::-1][k - 1])

@@ -57,40 +57,59 @@ def trim_threshold(tau: torch.Tensor, density: float) -> float:
 def kth_largest(values: torch.Tensor, k: int) -> float:
     """Exact k-th largest of non-negative values.
 
-    For float32 a radix select (histogram of the top 16 bits of the IEEE pattern, which orders
-    non-negative floats, then kthvalue inside the one bin that holds the answer) is ~4x faster on
-    CPU than torch.kthvalue over the whole tensor; other dtypes use kthvalue directly.
+    For float32, a two-level radix select on the IEEE bit pattern (which orders non-negative
+    floats): a histogram of the high 16 bits finds the bin holding the answer, a histogram of the
+    low 16 bits inside it finds the exact pattern. Two passes and no sort: several times faster on
+    CPU than torch.kthvalue, which is also slow on the many equal values of bf16-derived deltas.
+    Half-precision values are upcast (exactly); float64 uses torch.kthvalue.
     """
+    if values.dtype in (torch.bfloat16, torch.float16):
+        values = values.float()
     if values.dtype != torch.float32 or values.numel() < (1 << 16):
         return torch.kthvalue(values, values.numel() - k + 1).values.item()
-    high = values.view(torch.int32) >> 16
-    from_top = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0)
-    bin_from_top = int(torch.searchsorted(from_top, k))
-    above = int(from_top[bin_from_top - 1]) if bin_from_top > 0 else 0
-    inside = values[high == (1 << 15) - 1 - bin_from_top]
-    return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values.item()
+    bits = values.contiguous().view(torch.int32)
+    high = bits >> 16
+    hi_bin, above = _bin_from_top(torch.bincount(high, minlength=1 << 15), k)
+    low = bits[high == hi_bin] & 0xFFFF
+    lo_bin, _ = _bin_from_top(torch.bincount(low, minlength=1 << 16), k - above)
+    return torch.tensor([(hi_bin << 16) | lo_bin], dtype=torch.int32).view(torch.float32).item()
+
+
+def _bin_from_top(counts: torch.Tensor, k: int):
+    """The bin holding the k-th largest element, and how many elements lie in the bins above it."""
+    from_top = counts.flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, k))
+    return counts.numel() - 1 - i, (int(from_top[i - 1]) if i > 0 else 0)
 
 
 def elect(taus: Sequence[torch.Tensor], election: str = "max", thresholds: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """The merged task vector tau_* (see the module docstring), one source at a time to save memory."""
+    """The merged task vector tau_* (see the module docstring), one source at a time to save memory.
+
+    With u_i = tau_i * gamma, the entries that agree with the elected sign are exactly u_i > 0, so
+    max election is gamma * max(0, max_i u_i) and the disjoint mean sums clamp(u_i, min=0).
+    """
     if thresholds is not None:
-        taus = [torch.where(t.abs() >= thr, t, torch.zeros_like(t)) for t, thr in zip(taus, thresholds)]
+        taus = [torch.where(t.abs() >= thr, t, 0.0) for t, thr in zip(taus, thresholds)]
     gamma = torch.sign(sum(taus))
     best = torch.zeros_like(gamma)
     count = torch.zeros_like(gamma) if election == "ties" else None
     for t in taus:
-        agree = (t * gamma) > 0  # same sign as the election, and nonzero
+        u = t * gamma
         if election == "max":
-            torch.maximum(best, torch.where(agree, t.abs(), 0.0), out=best)
+            torch.maximum(best, u, out=best)
         else:
-            best += torch.where(agree, t, 0.0)
-            count += agree
-    return gamma * best if election == "max" else best / count.clamp(min=1)
+            best += u.clamp_(min=0)
+            count += u > 0
+    if election == "max":
+        return best.mul_(gamma)
+    return best.mul_(gamma).div_(count.clamp_(min=1))
 
 
 def masks_for(taus: Sequence[torch.Tensor], tau_star: torch.Tensor, mask: str = "l1", lam: float = 1.0) -> List[torch.Tensor]:
     if mask == "sign":
         return [(t * tau_star) > 0 for t in taus]
+    if lam == 1.0:
+        return [t.abs() >= (tau_star - t).abs() for t in taus]
     return [t.abs() >= lam * (tau_star - t).abs() for t in taus]
 
 
