@@ -1,0 +1,204 @@
+"""`CompositeModel`: a composite directory run as one multimodal model.
+
+The merged LLM is loaded with transformers (`AutoModelForCausalLM`); for MMER every linear layer
+becomes a `RoutedLinear`; each modality's encoder is rebuilt from its stored config. A forward
+replaces each placeholder token, in prompt order, by that item's features (one placeholder per
+image / clip / video; the model expands it to as many positions as the item has features), and
+tokens at those positions take their modality's route; every other token takes the text route.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import transformers
+from torch import nn
+
+from mergekit_multimodal import layout as L
+from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.routes import _loader, read_composite_config
+from mergekit_multimodal.runtime.encoders import ModalityEncoder
+from mergekit_multimodal.runtime.routing import RouteDelta, RouteState, install_routes
+
+Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor outputs for its items
+
+
+class CompositeModel(nn.Module):
+    def __init__(self, path: str, llm: transformers.PreTrainedModel, encoders: Dict[str, ModalityEncoder],
+                 config: dict, state: RouteState):
+        super().__init__()
+        self.path, self.llm, self.encoders, self.composite_config, self.state = path, llm, encoders, config, state
+        self.modalities: List[str] = list(config["modalities"])
+        self.placeholder_ids = {m: config["modalities"][m]["placeholder_id"] for m in self.modalities}
+        self.route_of = {m: i + 1 for i, m in enumerate(self.modalities)} if config.get("routes") else {}
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, device=None,
+                        device_map=None, modalities: Optional[Sequence[str]] = None) -> "CompositeModel":
+        """Load a composite; `device` (or a single-device `device_map`) places LLM and encoders."""
+        cfg = read_composite_config(path)
+        if device is None and isinstance(device_map, (str, torch.device)):
+            device = device_map
+        device = torch.device(device or "cpu")
+        try:
+            llm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        except Exception as exc:
+            raise CompositionError(f"{path}: the merged LLM does not load ({type(exc).__name__}: {exc})") from None
+        state = RouteState()
+        embed_delta = None
+        if cfg.get("routes"):
+            deltas = _read_route_deltas(path, cfg, list(cfg["modalities"]), llm.dtype)
+            embed_name = _embedding_param_name(llm)
+            embed_delta = deltas.get(embed_name)
+            if llm.config.tie_word_embeddings and embed_delta is not None:
+                deltas.setdefault("lm_head.weight", embed_delta)  # a tied head follows its embedding
+            install_routes(llm, deltas, state)
+        llm.to(device).eval()
+        encoders = {}
+        for m in modalities or cfg["modalities"]:
+            info = cfg["modalities"][m]
+            encoders[m] = ModalityEncoder(m, info["family"], os.path.join(path, info["path"]), llm.dtype, device)
+        model = cls(path, llm, encoders, cfg, state)
+        model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.dtype
+
+    def to(self, *args, **kwargs):
+        self.llm.to(*args, **kwargs)
+        for enc in self.encoders.values():
+            enc.model.to(*args, **kwargs)
+        return self
+
+    # -- routing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def route(self, modality: Optional[str]):
+        """Run every token on one modality's route (MMER retention use); None = per-token routing."""
+        if modality is not None and modality not in self.route_of:
+            raise CompositionError(f"no route {modality!r}; routes: {', '.join(self.route_of) or 'none (not MMER)'}")
+        old = self.state.whole
+        self.state.whole = self.route_of.get(modality) if modality else None
+        try:
+            yield self
+        finally:
+            self.state.whole = old
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       media: Optional[Media] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings with every placeholder expanded into its item's features, the (left-padded)
+        attention mask, and each position's route id."""
+        media = media or {}
+        for m in media:
+            if m not in self.encoders:
+                raise CompositionError(f"the composite has no modality {m!r}; it has {', '.join(self.encoders)}")
+        feats = {m: self.encoders[m].features(media[m]) for m in media}
+        embed = self._embed
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows, routes = [], []
+        cursor = {m: 0 for m in feats}
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b][attention_mask[b].bool()]
+            pieces, route = [], []
+            start = 0
+            for pos, tok in enumerate(ids.tolist()):
+                m = next((m for m, pid in self.placeholder_ids.items() if pid == tok), None)
+                if m is None:
+                    continue
+                if m not in feats or cursor[m] >= len(feats[m]):
+                    given = len(feats.get(m, []))
+                    raise CompositionError(f"the prompt has more {m!r} placeholders than the {given} {m} item(s) given")
+                if pos > start:
+                    pieces.append(embed(ids[start:pos].to(self.device)))
+                    route.append(torch.zeros(pos - start, dtype=torch.long))
+                f = feats[m][cursor[m]].to(self.device, self.dtype)
+                cursor[m] += 1
+                pieces.append(f)
+                route.append(torch.full((f.shape[0],), self.route_of.get(m, 0), dtype=torch.long))
+                start = pos + 1
+            if start < len(ids):
+                pieces.append(embed(ids[start:].to(self.device)))
+                route.append(torch.zeros(len(ids) - start, dtype=torch.long))
+            rows.append(torch.cat(pieces))
+            routes.append(torch.cat(route))
+        for m, n in cursor.items():
+            if n != len(feats[m]):
+                raise CompositionError(f"{len(feats[m])} {m} item(s) given but the prompt has {n} {m!r} placeholder(s)")
+        width = max(r.shape[0] for r in rows)
+        hidden = rows[0].shape[-1]
+        embeds = torch.zeros(len(rows), width, hidden, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        route_ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, (r, rt) in enumerate(zip(rows, routes)):  # left padding, as generation needs
+            embeds[b, width - r.shape[0]:] = r
+            mask[b, width - r.shape[0]:] = 1
+            route_ids[b, width - r.shape[0]:] = rt.to(self.device)
+        return embeds, mask, route_ids
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text-token embeddings: merged rows, or the chosen route's rows when one route is forced."""
+        out = self.llm.get_input_embeddings()(ids)
+        if self.state.whole and getattr(self, "embed_delta", None) is not None:
+            out = out + self.embed_delta.delta(self.state.whole)[ids].to(out.dtype)
+        return out
+
+    # -- running ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                media: Optional[Media] = None, **kwargs):
+        embeds, mask, route_ids = self.prepare_inputs(input_ids, attention_mask, media)
+        self.state.set_tokens(route_ids)
+        try:
+            return self.llm(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        finally:
+            self.state.set_tokens(None)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 media: Optional[Media] = None, **generate_kwargs) -> torch.Tensor:
+        """transformers' generate on the expanded embeddings; returns only the new token ids.
+
+        The prefill routes each token; cached decoding steps see one new position, which does not
+        match the prefill's route map, so generated tokens take the text route.
+        """
+        embeds, mask, route_ids = self.prepare_inputs(input_ids, attention_mask, media)
+        self.state.set_tokens(route_ids)
+        try:
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        finally:
+            self.state.set_tokens(None)
+
+
+def _embedding_param_name(llm: nn.Module) -> str:
+    emb = llm.get_input_embeddings()
+    return next(f"{n}.weight" for n, m in llm.named_modules() if m is emb)
+
+
+def _read_route_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.dtype) -> Dict[str, RouteDelta]:
+    """One RouteDelta per routed LLM tensor: tau_* in the model's dtype, masks kept packed."""
+    rdir = os.path.join(path, cfg["routes"]["dir"])
+    tv, masks = _loader(rdir, cfg["routes"]["task_vector"]), _loader(rdir, cfg["routes"]["masks"])
+    deltas = {}
+    for name in tv.index.tensor_paths:
+        if name.endswith(":alpha"):
+            continue
+        try:
+            deltas[name] = RouteDelta(
+                tv.get_tensor(name).to(dtype),
+                [masks.get_tensor(L.mask_key(m, name)) for m in modalities],
+                [masks.get_tensor(L.scale_key(m, name)).item() for m in modalities],
+                tv.get_tensor(L.alpha_key(name)).item(),
+            )
+        except KeyError as exc:
+            raise CompositionError(f"{rdir}: route data for {name!r} is incomplete (missing {exc})") from None
+    return deltas

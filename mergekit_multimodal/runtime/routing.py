@@ -1,0 +1,139 @@
+"""Per-token routing inside every LLM layer (linear layers, norms; embeddings in model.py).
+
+A `RoutedLinear` keeps the composite's merged weight (the text route) and, for MMER, the task
+vector tau_* plus each modality's 1-bit mask. A modality's weight delta
+(scale_m * mask_m - alpha) * tau_* is unpacked on the fly for the tokens of that modality only,
+so no full copy of the LLM per route stays resident (docs/runtime.md). Tokens are assigned to
+routes by a `RouteState` the composite model fills before each forward: route 0 is text.
+During cached decoding the new tokens do not match the prefill's route map and take the text
+route, as DAMC and MMER prescribe for generated tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouteState:
+    """Which route each token of the current forward takes; shared by all routed layers."""
+
+    route_ids: Optional[torch.Tensor] = None  # [batch, seq] long, 0 = text
+    present: List[int] = field(default_factory=list)  # routes other than text present in route_ids
+    whole: Optional[int] = None  # one route for every token (retention use), overrides route_ids
+
+    def set_tokens(self, route_ids: Optional[torch.Tensor]) -> None:
+        self.route_ids = route_ids
+        self.present = [] if route_ids is None else [int(r) for r in torch.unique(route_ids) if int(r) != 0]
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of masks.pack_mask on any device: LSB-first bits of a flat uint8 tensor."""
+    count = 1
+    for d in shape:
+        count *= d
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(-1)[:count].reshape(shape).bool()
+
+
+class RouteDelta(nn.Module):
+    """tau_* with each route's packed mask and scale: delta_m = (scale_m * mask_m - alpha) * tau_*."""
+
+    def __init__(self, tau: torch.Tensor, packed_masks: List[torch.Tensor], scales: List[float], alpha: float):
+        super().__init__()
+        self.register_buffer("tau", tau, persistent=False)
+        for i, m in enumerate(packed_masks):
+            self.register_buffer(f"mask{i}", m, persistent=False)
+        self.scales = list(scales)
+        self.alpha = float(alpha)
+
+    def delta(self, route: int) -> torch.Tensor:
+        mask = unpack_bits(getattr(self, f"mask{route - 1}"), self.tau.shape)
+        coeff = torch.where(mask, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
+        return coeff * self.tau
+
+
+class RoutedLinear(nn.Module):
+    """nn.Linear whose tokens of modality m run on W_merged + delta_m (text tokens on W_merged)."""
+
+    def __init__(self, linear: nn.Linear, weight_delta: RouteDelta, bias_delta: Optional[RouteDelta], state: RouteState):
+        super().__init__()
+        self.linear = linear
+        self.weight_delta = weight_delta
+        self.bias_delta = bias_delta
+        self.state = state
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects layers (e.g. dtype/device lookups) sees the merged weight
+        return self.linear.weight
+
+    def _delta_out(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        b = self.bias_delta.delta(route) if self.bias_delta is not None else None
+        return F.linear(x, self.weight_delta.delta(route), b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        st = self.state
+        if st.whole:
+            return y + self._delta_out(x, st.whole)
+        if not st.present or st.route_ids is None or st.route_ids.shape != x.shape[:-1]:
+            return y
+        for r in st.present:
+            sel = st.route_ids == r
+            y[sel] = y[sel] + self._delta_out(x[sel], r)
+        return y
+
+
+class RoutedModule(nn.Module):
+    """Any other module with routed parameters (RMSNorm, LayerNorm...): the selected tokens are run
+    again with the route's parameters through torch.func.functional_call."""
+
+    def __init__(self, module: nn.Module, deltas: Dict[str, RouteDelta], state: RouteState):
+        super().__init__()
+        self.module = module
+        self.deltas = nn.ModuleDict({k.replace(".", "_"): v for k, v in deltas.items()})
+        self.names = dict(zip([k.replace(".", "_") for k in deltas], deltas))
+        self.state = state
+
+    def _params(self, route: int) -> Dict[str, torch.Tensor]:
+        own = dict(self.module.named_parameters())
+        return {self.names[k]: own[self.names[k]] + d.delta(route) for k, d in self.deltas.items()}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        st = self.state
+        if st.whole:
+            return torch.func.functional_call(self.module, self._params(st.whole), (x, *args), kwargs)
+        y = self.module(x, *args, **kwargs)
+        if not st.present or st.route_ids is None or st.route_ids.shape != x.shape[:-1]:
+            return y
+        for r in st.present:
+            sel = st.route_ids == r
+            y[sel] = torch.func.functional_call(self.module, self._params(r), (x[sel],))
+        return y
+
+
+def install_routes(model: nn.Module, deltas: Dict[str, RouteDelta], state: RouteState) -> int:
+    """Wrap every leaf module that has routed parameters (keyed by parameter name); returns the count.
+
+    Embeddings are left alone: the composite model looks their rows up itself (model.py).
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            own = {p: deltas[f"{full}.{p}"] for p, _ in child.named_parameters(recurse=False) if f"{full}.{p}" in deltas}
+            if not own or isinstance(child, nn.Embedding) or any(True for _ in child.children()):
+                continue
+            if isinstance(child, nn.Linear):
+                routed = RoutedLinear(child, own["weight"], own.get("bias"), state)
+            else:
+                routed = RoutedModule(child, own, state)
+            setattr(module, child_name, routed)
+            count += 1
+    return count

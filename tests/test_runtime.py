@@ -1,0 +1,154 @@
+"""The companion loader against the source models' own transformers classes on the same inputs."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mergekit_multimodal import CompositionError, compose
+from mergekit_multimodal.runtime import CompositeModel
+from mergekit_multimodal.runtime.routing import RouteDelta, RouteState, RoutedLinear
+from mergekit_multimodal.masks import pack_mask
+from tests.conftest import MODALITY, composite_config
+
+V0 = 96
+MEDIA_TOKENS = {"llava": 4, "qwen2_audio": 8, "video_llava": 2 * 5}  # features per item for the inputs below
+
+
+def media_for(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "llava":
+        return {"pixel_values": torch.randn(1, 3, 28, 28, generator=g)}
+    if kind == "qwen2_audio":
+        return {"input_features": torch.randn(1, 8, 32, generator=g), "feature_attention_mask": torch.ones(1, 32, dtype=torch.long)}
+    if kind == "video_llava":
+        return {"pixel_values_videos": torch.randn(1, 2, 3, 28, 28, generator=g)}
+    raise KeyError(kind)
+
+
+def source_logits(family, kind, text="w1 w2 {ph} w3 w4"):
+    """The source MLLM's own forward, with its placeholder expanded as its processor would."""
+    path = family.sources[kind]
+    model = getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0]).from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ph = {"llava": "<image>", "qwen2_audio": "<|AUDIO|>", "video_llava": "<video>"}[kind]
+    ids = tok(text.format(ph=" ".join([ph] * MEDIA_TOKENS[kind])), return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids, **media_for(kind)).logits
+
+
+def composite_logits(model, path, kind, modality, text="w1 w2 {ph} w3 w4"):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ph = model.composite_config["modalities"][modality]["placeholder"]
+    ids = tok(text.format(ph=ph), return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids, media={modality: media_for(kind)}).logits
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_audio", "video_llava"])
+def test_single_source_mmer_composite_reproduces_the_source(family, tmp_path, kind):
+    out = compose(composite_config(family, "mmer", [kind]), str(tmp_path / "c"))
+    model = CompositeModel.from_pretrained(out)
+    got = composite_logits(model, out, kind, MODALITY[kind])
+    want = source_logits(family, kind)
+    assert got.shape[1] == want.shape[1]
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+def test_naive_mc_of_identical_sources_reproduces_the_source(family, tmp_path):
+    cfg = composite_config(family, "naive_mc", ["llava"])
+    cfg["models"].append({"model": str(family.sources["llava"]), "modality": "image2", "placeholder": "<image2>"})
+    out = compose(cfg, str(tmp_path / "c"))
+    model = CompositeModel.from_pretrained(out)
+    torch.testing.assert_close(composite_logits(model, out, "llava", "image")[..., :V0],
+                               source_logits(family, "llava")[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+def test_mmer_routes_are_closer_to_each_source_than_naive_mc(family, tmp_path, capsys):
+    """Each source's single-modality prompt through its MMER route (the whole input on that route)
+    is closer to the source model than the NaiveMC composite. Per-token routing (text tokens on the
+    merged weights) is reported alongside: see docs/methods.md on the text route."""
+    kinds = ["llava", "qwen2_audio", "video_llava"]
+    outs = {m: compose(composite_config(family, m, kinds), str(tmp_path / m)) for m in ("mmer", "naive_mc")}
+    models = {m: CompositeModel.from_pretrained(p) for m, p in outs.items()}
+    report = []
+    for kind in kinds:
+        want = source_logits(family, kind)[..., :V0]
+
+        def dist(m, whole=False):
+            with models[m].route(MODALITY[kind] if whole else None):
+                got = composite_logits(models[m], outs[m], kind, MODALITY[kind])[..., :V0]
+            return (got - want).abs().mean().item()
+
+        routed, per_token, naive = dist("mmer", whole=True), dist("mmer"), dist("naive_mc")
+        report.append(f"{kind:12s} mean |logit - source|: mmer route {routed:.5f}  mmer per-token {per_token:.5f}  "
+                      f"naive_mc {naive:.5f}")
+        assert routed < naive, report[-1]
+    with capsys.disabled():
+        print("\n" + "\n".join(report))
+
+
+def test_routed_linear_puts_each_token_on_its_route():
+    """By construction: route 1's mask keeps only column 0 of tau, route 2 keeps all of it."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(4, 3, bias=False)
+    tau = torch.randn(3, 4, generator=g)
+    m1 = torch.zeros(3, 4, dtype=torch.bool)
+    m1[:, 0] = True
+    m2 = torch.ones(3, 4, dtype=torch.bool)
+    alpha = 0.5
+    delta = RouteDelta(tau, [pack_mask(m1), pack_mask(m2)], [1.0, 2.0], alpha)
+    state = RouteState()
+    routed = RoutedLinear(lin, delta, None, state)
+    x = torch.randn(1, 5, 4, generator=g)
+    state.set_tokens(torch.tensor([[0, 1, 2, 0, 1]]))
+    y = routed(x).detach().numpy()
+    W = lin.weight.detach().numpy()
+    base = W - alpha * tau.numpy()
+    weights = {0: W, 1: base + 1.0 * m1.numpy() * tau.numpy(), 2: base + 2.0 * m2.numpy() * tau.numpy()}
+    for t, r in enumerate([0, 1, 2, 0, 1]):
+        np.testing.assert_allclose(y[0, t], weights[r] @ x[0, t].numpy(), rtol=1e-5, atol=1e-6)
+    state.set_tokens(torch.tensor([[0, 1, 2, 0, 1]]))  # a decode step (1 token) takes the text route
+    np.testing.assert_allclose(routed(x[:, :1]).detach().numpy()[0, 0], W @ x[0, 0].numpy(), rtol=1e-5)
+    state.whole = 2  # the whole input on one route
+    np.testing.assert_allclose(routed(x).detach().numpy()[0, 3], weights[2] @ x[0, 3].numpy(), rtol=1e-5)
+
+
+def test_whole_input_route_equals_the_source_model_for_its_modality(family, tmp_path):
+    """MMER retention: with route('image') a text-only prompt runs on theta_base + m * tau_*."""
+    out = compose(composite_config(family, "mmer", ["llava"]), str(tmp_path / "c"))
+    model = CompositeModel.from_pretrained(out, modalities=[])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("w5 w6 w7", return_tensors="pt").input_ids
+    src = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"]).eval()
+    with torch.no_grad(), model.route("image"):
+        got = model(ids).logits
+    with torch.no_grad():
+        want = src(input_ids=ids).logits
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_media(family, tmp_path):
+    out = compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path / "c"))
+    model = CompositeModel.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("w1 <image> w2 <|AUDIO|> w3", return_tensors="pt").input_ids
+    new = model.generate(ids, media={"image": media_for("llava"), "audio": media_for("qwen2_audio")},
+                         max_new_tokens=4, do_sample=False)
+    assert new.shape == (1, 4) and int(new.max()) < model.llm.config.vocab_size
+
+
+def test_bad_inputs_are_clear(family, tmp_path):
+    out = compose(composite_config(family, "mmer", ["llava"]), str(tmp_path / "c"))
+    model = CompositeModel.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    two = tok("<image> w1 <image>", return_tensors="pt").input_ids
+    with pytest.raises(CompositionError, match="more 'image' placeholders than the 1"):
+        model(two, media={"image": media_for("llava")})
+    with pytest.raises(CompositionError, match="has no modality 'audio'"):
+        model(two, media={"audio": media_for("qwen2_audio")})
+    with pytest.raises(CompositionError, match="needs inputs"):
+        model(two, media={"image": {}})
+    (tmp_path / "c" / "modalities" / "image" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(CompositionError, match="image"):
+        CompositeModel.from_pretrained(out)
