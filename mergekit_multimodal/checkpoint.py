@@ -29,11 +29,32 @@ def resolve_local_path(ref: ModelReference, options: MergeOptions) -> str:
             trust_remote_code=options.trust_remote_code,
             lora_merge_dtype=options.lora_merge_dtype,
         )
-        return merged.local_path(cache_dir=options.transformers_cache)
+        path = merged.local_path(cache_dir=options.transformers_cache)
+        if ref.lora is not None:
+            _carry_side_files(ref.model.path, path)
+        return path
     except CompositionError:
         raise
     except Exception as exc:
         raise CompositionError(f"{ref}: cannot open model ({type(exc).__name__}: {exc})") from None
+
+
+#: files mergekit's LoRA merge does not write but a composite needs (tokenizer, processors)
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+               "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+               "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def _carry_side_files(model_dir: str, merged_dir: str) -> None:
+    """Copy tokenizer/processor files from a local model dir into mergekit's merged-LoRA dir."""
+    import shutil
+
+    if not os.path.isdir(model_dir):
+        return
+    for name in _SIDE_FILES:
+        src, dst = os.path.join(model_dir, name), os.path.join(merged_dir, name)
+        if os.path.exists(src) and not os.path.exists(dst):
+            shutil.copy(src, dst)
 
 
 def _read_shapes(index: ShardedTensorIndex) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
