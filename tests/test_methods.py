@@ -6,7 +6,6 @@ import torch
 
 from mergekit_multimodal.masks import pack_mask, unpack_mask
 from mergekit_multimodal.methods import get_method
-from mergekit_multimodal.methods.base import TensorParams
 from tests import reference
 
 

@@ -20,7 +20,7 @@ from mergekit.scripts.run_yaml import main as mergekit_yaml
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from mergekit_multimodal import CompositionError, compose
+from mergekit_multimodal import compose
 from mergekit_multimodal.cli import main as mergekit_mm_yaml
 from mergekit_multimodal.routes import iter_route
 from mergekit_multimodal.testing import build_tiny_family, perturb_like
