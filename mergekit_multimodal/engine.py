@@ -116,8 +116,9 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
     method, device, dtype = plan.method, plan.options.device or "cpu", plan.compute_dtype
     rows = plan.vocab.base_rows if job.vocab_rows else (job.shape[0] if job.shape else 0)
     inputs = ([plan.base] if method.uses_base else []) + plan.sources
-    raw = [c.get(job.name, check_finite=False) for c in inputs]
-    raw = [t[:rows] if job.vocab_rows else t for t in raw]
+    loaded = [c.get(job.name, check_finite=False) for c in inputs]
+    full_sources = loaded[1:] if method.uses_base else loaded  # whole tensors: carried rows come from here
+    raw = [t[:rows] if job.vocab_rows else t for t in loaded]
     params = method.resolve(job.name, job.t, plan.global_params, plan.source_params)
     base_raw = raw[0] if method.uses_base else None
     src_raw = raw[1:] if method.uses_base else raw
@@ -156,9 +157,8 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
         del chunk, res
 
     if job.vocab_rows:  # rows a source added are copied from it; padding rows stay zero
-        full = {i: plan.sources[i].get(job.name, check_finite=False) for i in {c.source for c in plan.vocab.carried}}
         for c in plan.vocab.carried:
-            row = full[c.source][c.source_row]
+            row = full_sources[c.source][c.source_row]
             plan.sources[c.source].check_finite(row, plan.sources[c.source].key(job.name))
             merged[c.row] = row.to(job.out_dtype)
     writers["llm"].write(job.name, merged)
