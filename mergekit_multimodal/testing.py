@@ -9,9 +9,9 @@ placeholder tokens added to the tokenizer, and LLaVA's vocabulary padding; optio
 transformers-5 layout (``model.language_model.*``) and sharding. Merging these is meaningful:
 the LM deltas are known, small and differ between sources.
 
-Nothing is downloaded; configs are built from tiny sizes. Image processors need Pillow and
-torchvision; when those are missing no ``preprocessor_config.json`` is written for the image and
-video kinds (the audio kinds always get a ``WhisperFeatureExtractor``).
+Nothing is downloaded; configs are built from tiny sizes. Each source also gets the processor
+config its real checkpoint ships (``preprocessor_config.json``), sized for the tiny encoders:
+28 px images, and a 1 s audio window of 32 mel frames at 16 kHz.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SOURCE_KINDS = ("llava", "video_llava", "llava_next_video", "qwen2_audio", "mist
 TEXT_FAMILIES = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
                  "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}
 BASE_VOCAB = 96  # <unk> <s> </s> w0..w92
-IMAGE_SIZE, PATCH_SIZE, NUM_MEL_BINS = 28, 14, 8
+IMAGE_SIZE, PATCH_SIZE, NUM_MEL_BINS, AUDIO_RATE = 28, 14, 8, 16000
 
 
 @dataclass
@@ -68,8 +68,9 @@ def _clip_proc():
     return T.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def _whisper_proc():
-    return T.WhisperFeatureExtractor(feature_size=NUM_MEL_BINS)
+def _whisper_proc():  # a 1 s window of 32 mel frames: what the tiny encoders' 16 positions take
+    return T.WhisperFeatureExtractor(feature_size=NUM_MEL_BINS, sampling_rate=AUDIO_RATE, hop_length=AUDIO_RATE // 32,
+                                     n_fft=2 * (AUDIO_RATE // 32), chunk_length=1)
 
 
 # kind -> (model class, config class, encoder config key, encoder config builder,
@@ -182,10 +183,7 @@ def _build_source(kind, k, base, d, *, text_family, seed, tie, dtype, delta_scal
             s[tuple(slice(0, n) for n in b.shape)].copy_(_perturb(b, gen, delta_scale))
     model.to(dtype).save_pretrained(d, **_save_kwargs(shard_size))
     tok.save_pretrained(d)
-    try:
-        proc().save_pretrained(d)
-    except ImportError:  # image processors need Pillow + torchvision
-        pass
+    proc().save_pretrained(d)
 
 
 def build_tiny_family(root, kinds=("llava", "video_llava", "llava_next_video", "qwen2_audio"), *,

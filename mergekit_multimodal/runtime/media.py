@@ -1,0 +1,159 @@
+"""Media files -> arrays, with errors that name the file.
+
+transformers' processors take decoded media (PIL images, waveforms, frame arrays), not paths; this
+module does the decoding with what is already installed: PIL for images and GIF/animated frames,
+the stdlib `wave` module for WAV, numpy for `.npy`, and PyAV (`pip install av`, optional) for
+mp4/webm/mkv/avi. Each loader also accepts an already-decoded item and passes it through.
+"""
+
+from __future__ import annotations
+
+import os
+import wave
+from typing import Any, Tuple
+
+import numpy as np
+
+from mergekit_multimodal.errors import CompositionError
+
+VIDEO_CONTAINERS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+
+
+def _path(item: Any, what: str) -> str:
+    path = os.fspath(item)
+    if not os.path.isfile(path) and not (what == "video" and os.path.isdir(path)):
+        raise CompositionError(f"{what} file not found: {path}")
+    return path
+
+
+def load_image(item: Any):
+    """A PIL image (RGB) from a path, a PIL image or an H x W x 3 array."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(_uint8_frames(item, "image", ndim=3))
+    path = _path(item, "image")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises several types for bad files
+        raise CompositionError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def load_audio(item: Any, sampling_rate: int) -> np.ndarray:
+    """A mono float32 waveform at `sampling_rate` from a WAV/.npy path, an array, or (array, rate)."""
+    rate = sampling_rate
+    if isinstance(item, tuple):
+        item, rate = item
+    if isinstance(item, np.ndarray):
+        wav = item
+    else:
+        path = _path(item, "audio")
+        if path.endswith(".npy"):
+            wav = _load_npy(path, "audio")
+        elif path.lower().endswith(".wav"):
+            wav, rate = _read_wav(path)
+        else:
+            raise CompositionError(f"{path}: audio must be a .wav or .npy file (convert it, e.g. with ffmpeg)")
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim == 2:  # (samples, channels) or (channels, samples): average to mono
+        wav = wav.mean(axis=1 if wav.shape[0] > wav.shape[1] else 0)
+    if wav.ndim != 1 or wav.size == 0:
+        raise CompositionError(f"audio must be a non-empty 1-D waveform, got shape {wav.shape}")
+    if rate != sampling_rate:
+        wav = _resample(wav, rate, sampling_rate)
+    return wav
+
+
+def load_video(item: Any) -> np.ndarray:
+    """Frames (F, H, W, 3) uint8 from .npy, GIF/animated PNG, a folder of images, a video container, or an array."""
+    if isinstance(item, np.ndarray):
+        return _uint8_frames(item, "video", ndim=4)
+    if isinstance(item, (list, tuple)):  # a list of frames (arrays or PIL images)
+        return np.stack([np.asarray(load_image(f)) for f in item])
+    path = _path(item, "video")
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        if not names:
+            raise CompositionError(f"{path}: the frame folder is empty")
+        return np.stack([np.asarray(load_image(os.path.join(path, n))) for n in names])
+    low = path.lower()
+    if low.endswith(".npy"):
+        return _uint8_frames(_load_npy(path, "video"), f"video {path}", ndim=4)
+    if low.endswith(VIDEO_CONTAINERS):
+        return _read_container(path)
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+    except Exception as exc:
+        raise CompositionError(f"{path}: not a readable video ({type(exc).__name__}: {exc}); "
+                               f"give frames as .npy (F, H, W, 3), a GIF, a folder of images or an mp4") from None
+
+
+def sample_frames(frames: np.ndarray, num_frames: int | None) -> np.ndarray:
+    """`num_frames` frames at uniform positions (the models were trained on a fixed count)."""
+    if not num_frames or len(frames) == num_frames:
+        return frames
+    idx = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    return frames[idx]
+
+
+def _uint8_frames(arr: np.ndarray, what: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.ndim != ndim or arr.shape[-1] not in (1, 3):
+        shape = "H x W x 3" if ndim == 3 else "F x H x W x 3"
+        raise CompositionError(f"{what} array must be {shape}, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * 255.0 if arr.max(initial=0) <= 1.0 else arr, 0, 255).astype(np.uint8)
+    return arr
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise CompositionError(f"{path}: not a readable .npy {what} ({type(exc).__name__}: {exc})") from None
+
+
+def _read_wav(path: str) -> Tuple[np.ndarray, int]:
+    try:
+        with wave.open(path, "rb") as w:
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError, OSError) as exc:
+        raise CompositionError(f"{path}: not a readable WAV file ({exc}); only PCM WAV is read") from None
+    if width == 1:
+        data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width in (2, 4):
+        data = np.frombuffer(raw, np.int16 if width == 2 else np.int32).astype(np.float32) / (2 ** (8 * width - 1))
+    else:
+        raise CompositionError(f"{path}: {8 * width}-bit WAV is not supported (use 8, 16 or 32-bit PCM)")
+    return data.reshape(-1, channels), rate
+
+
+def _resample(wav: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """Linear-interpolation resampling: adequate for speech/tones; resample offline for best quality."""
+    n = max(1, int(round(len(wav) * dst / src)))
+    return np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
+
+
+def _read_container(path: str) -> np.ndarray:
+    try:
+        import av
+    except ImportError:
+        raise CompositionError(f"{path}: reading {os.path.splitext(path)[1]} needs PyAV (pip install av), "
+                               f"or give frames as .npy / GIF / a folder of images") from None
+    try:
+        with av.open(path) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except Exception as exc:
+        raise CompositionError(f"{path}: not a readable video ({type(exc).__name__}: {exc})") from None
+    if not frames:
+        raise CompositionError(f"{path}: the video has no frames")
+    return np.stack(frames)

@@ -1,0 +1,148 @@
+"""Media files -> CompositeProcessor -> CompositeModel, against each source model run by transformers.
+
+The source side is computed independently: the source's own processor config loaded with
+transformers' Auto classes on the decoded media, its placeholder repeated once per feature (as its
+processor expands it), and the source class's own forward. Covers all six loader families.
+"""
+
+import wave
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from mergekit_multimodal import CompositionError, compose
+from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
+from tests.conftest import MODALITY, composite_config
+
+V0 = 96
+PLACEHOLDER = {"llava": "<image>", "video_llava": "<video>", "llava_next_video": "<video>", "qwen2_audio": "<|AUDIO|>",
+               "mistral3": "[IMG]", "voxtral": "[AUDIO]"}
+KIND = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
+        "qwen2_audio": "audio", "voxtral": "audio"}
+
+
+def write_media(kind, d, seed=0):
+    """A media file of the kind, and the decoded array the source side gets."""
+    rng = np.random.default_rng(seed)
+    if kind == "image":
+        arr = rng.integers(0, 256, (40, 33, 3), dtype=np.uint8)  # not square: the processor must resize/crop
+        Image.fromarray(arr).save(d / "x.png")
+        return d / "x.png", arr
+    if kind == "video":
+        arr = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
+        np.save(d / "x.npy", arr)
+        return d / "x.npy", arr
+    pcm = (np.sin(np.arange(12000) * 0.07) * 20000 * rng.uniform(0.5, 1)).astype(np.int16)  # 0.75 s at 16 kHz
+    with wave.open(str(d / "x.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(pcm.tobytes())
+    return d / "x.wav", pcm.astype(np.float32) / 32768
+
+
+def source_inputs(path, kind, decoded):
+    if kind == "image":
+        proc = transformers.AutoImageProcessor.from_pretrained(path)
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        extra = {}
+        if cfg.model_type == "mistral3":  # PixtralProcessor passes patch_size * spatial_merge_size
+            side = cfg.vision_config.patch_size * cfg.spatial_merge_size
+            extra = {"patch_size": {"height": side, "width": side}}
+        out = proc(images=[Image.fromarray(decoded)], return_tensors="pt", **extra)
+        return {k: out[k] for k in ("pixel_values", "image_sizes") if k in out}
+    if kind == "video":
+        proc = transformers.AutoImageProcessor.from_pretrained(path)
+        frames = proc(images=[Image.fromarray(f) for f in decoded], return_tensors="pt")["pixel_values"]
+        return {"pixel_values_videos": frames[None]}
+    fe = transformers.AutoFeatureExtractor.from_pretrained(path)
+    out = fe([decoded], sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    if "qwen2" in transformers.AutoConfig.from_pretrained(path).model_type:
+        return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
+    return {"input_features": out["input_features"]}
+
+
+@pytest.mark.parametrize("kind", ["llava", "video_llava", "llava_next_video", "qwen2_audio", "mistral3", "voxtral"])
+def test_files_through_the_processor_reproduce_the_source(kind, family, mistral_family, tmp_path):
+    fam = mistral_family if kind in ("mistral3", "voxtral") else family
+    out = compose(composite_config(fam, "mmer", [kind]), str(tmp_path / "c"))
+    modality = MODALITY[kind]
+    proc = CompositeProcessor.from_pretrained(out)
+    model = CompositeModel.from_pretrained(out)
+    file, decoded = write_media(KIND[kind], tmp_path)
+    ph = proc.placeholders[modality]
+    inputs = proc(f"w1 w2 {ph} w3 w4", media={modality: [str(file)]})
+    with torch.no_grad():
+        got = model(**inputs).logits
+
+    src = fam.sources[kind]
+    source = getattr(transformers, transformers.AutoConfig.from_pretrained(src).architectures[0]).from_pretrained(src).eval()
+    media = source_inputs(src, KIND[kind], decoded)
+    n_features = model.encoders[modality].features(inputs["media"][modality])[0].shape[0]
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    ids = tok("w1 w2 " + " ".join([PLACEHOLDER[kind]] * n_features) + " w3 w4", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = source(input_ids=ids, **media).logits
+    assert got.shape[1] == want.shape[1]
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def two_modalities(family, tmp_path_factory):
+    return compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path_factory.mktemp("c") / "c"))
+
+
+def test_several_items_and_modalities_in_one_batch(two_modalities, tmp_path):
+    proc = CompositeProcessor.from_pretrained(two_modalities)
+    model = CompositeModel.from_pretrained(two_modalities)
+    img, _ = write_media("image", tmp_path)
+    wav, _ = write_media("audio", tmp_path)
+    batch = proc(["w1 <image> w2 <|AUDIO|> <image>", "w3 <|AUDIO|>"], images=[img, img], audios=[wav, wav])
+    assert batch["media"]["image"]["pixel_values"].shape[0] == 2
+    assert batch["attention_mask"].tolist()[1][:2] == [0, 0]  # left-padded
+    new = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert new.shape == (2, 3)
+    # Row 2 alone gives the same logits as row 2 in the batch (padding and item order are right).
+    alone = proc("w3 <|AUDIO|>", audios=[wav])
+    with torch.no_grad():
+        batched = model(**batch).logits[1, -1]
+        single = model(**alone).logits[0, -1]
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+
+
+def test_processor_errors_name_what_to_fix(two_modalities, tmp_path):
+    proc = CompositeProcessor.from_pretrained(two_modalities)
+    img, _ = write_media("image", tmp_path)
+    with pytest.raises(CompositionError, match=r"2 '<image>' placeholder\(s\) but 1 image item"):
+        proc("<image> <image>", images=[img])
+    with pytest.raises(CompositionError, match="has no modality 'video'"):
+        proc("w1", media={"video": [img]})
+    with pytest.raises(CompositionError, match="videos= is ambiguous: none takes videos"):
+        proc("w1", videos=[img])
+    with pytest.raises(CompositionError, match="image file not found: .*nope.png"):
+        proc("<image>", images=[tmp_path / "nope.png"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(CompositionError, match="bad.png: not a readable image"):
+        proc("<image>", images=[bad])
+    badwav = tmp_path / "bad.wav"
+    badwav.write_bytes(b"RIFFxxxx")
+    with pytest.raises(CompositionError, match="bad.wav: not a readable WAV"):
+        proc("<|AUDIO|>", audios=[badwav])
+    with pytest.raises(CompositionError, match="must be a .wav or .npy"):
+        proc("<|AUDIO|>", audios=[img])
+
+
+def test_video_readers_agree(tmp_path):
+    from mergekit_multimodal.runtime import media as M
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 12, 10, 3), dtype=np.uint8)
+    np.save(tmp_path / "v.npy", frames)
+    Image.fromarray(frames[0]).save(tmp_path / "v.gif", save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]])
+    (tmp_path / "frames").mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / "frames" / f"{i:03d}.png")
+    np.testing.assert_array_equal(M.load_video(tmp_path / "v.npy"), frames)
+    np.testing.assert_array_equal(M.load_video(tmp_path / "frames"), frames)
+    assert M.load_video(tmp_path / "v.gif").shape == frames.shape  # GIF palettes are lossy
+    np.testing.assert_array_equal(M.sample_frames(frames, 2), frames[[0, 2]])
