@@ -24,6 +24,17 @@ def _loader(directory: str, basename: str) -> LazyTensorLoader:
     """mergekit's loader over `<basename>.safetensors` or its sharded index (it only knows `model`)."""
     index_path = os.path.join(directory, f"{basename}.safetensors.index.json")
     single = os.path.join(directory, f"{basename}.safetensors")
+    try:
+        return _open_loader(directory, basename, index_path, single)
+    except CompositionError:
+        raise
+    except Exception as exc:  # safetensors/json/OS errors on a damaged composite
+        where = index_path if os.path.exists(index_path) else single
+        raise CompositionError(f"{where}: unreadable ({type(exc).__name__}: {exc}); the composite is damaged, "
+                               f"compose it again or re-download it") from None
+
+
+def _open_loader(directory: str, basename: str, index_path: str, single: str) -> LazyTensorLoader:
     if os.path.exists(index_path):
         with open(index_path, encoding="utf-8") as f:
             weight_map: Dict[str, str] = json.load(f)["weight_map"]
@@ -40,6 +51,8 @@ def read_composite_config(path: str) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise CompositionError(f"{path}: not a composite (no {L.COMPOSITE_CONFIG})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CompositionError(f"{os.path.join(path, L.COMPOSITE_CONFIG)}: not valid JSON ({exc})") from None
 
 
 def iter_route(path: str, modality: str, dtype: torch.dtype = torch.float32) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -159,7 +159,7 @@ class CompositeProcessor:
         media = {m: list(items) for m, items in (media or {}).items()}
         for kind, items in (("image", images), ("video", videos), ("audio", audios)):
             if items is not None:
-                media.setdefault(self._modality_of_kind(kind), []).extend(_as_list(items))
+                media.setdefault(self.modality_of_kind(kind), []).extend(_as_list(items))
         for m in media:
             if m not in self.modalities:
                 raise CompositionError(f"the composite has no modality {m!r}; it has {', '.join(self.modalities)}")
@@ -180,7 +180,7 @@ class CompositeProcessor:
         features = {m: self.preprocessors[m](items) for m, items in media.items() if items}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "media": features}
 
-    def _modality_of_kind(self, kind: str) -> str:
+    def modality_of_kind(self, kind: str) -> str:
         matches = [m for m in self.modalities if self.kind(m) == kind]
         if len(matches) != 1:
             have = ", ".join(f"{m} ({self.kind(m)})" for m in self.modalities)

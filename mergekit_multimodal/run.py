@@ -1,0 +1,85 @@
+"""`mergekit-mm-run`: ask a composite one question about some media files, print the answer."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import click
+import torch
+
+from mergekit_multimodal.errors import CompositionError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _media_option(values: Sequence[str]) -> List[Tuple[str, str]]:
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r}: expected MODALITY=PATH", param_hint="--media")
+        out.append((name, path))
+    return out
+
+
+def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *, kinds: Sequence[Tuple[str, str]] = (),
+           device: Optional[str] = None, dtype: Optional[str] = None, max_new_tokens: int = 64,
+           route: Optional[str] = None, num_frames: Optional[int] = None) -> str:
+    """Load the composite, build the inputs, generate greedily, decode the new tokens.
+
+    `media` pairs are (modality, path); `kinds` pairs are (image|video|audio, path), resolved to
+    the one modality of the composite that takes that kind. When the prompt holds no placeholder
+    at all, one per item is put in front of it, in the order the items were given.
+    """
+    from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    proc = CompositeProcessor.from_pretrained(composite, num_frames=num_frames)
+    items: List[Tuple[str, str]] = [(proc.modality_of_kind(k), p) for k, p in kinds] + list(media)
+    by_modality: Dict[str, List[str]] = {}
+    for m, p in items:
+        by_modality.setdefault(m, []).append(p)
+    if items and not any(proc.placeholders[m] in prompt for m in proc.modalities):
+        prompt = " ".join(proc.placeholders[m] for m, _ in items if m in proc.placeholders) + " " + prompt
+    inputs = proc(prompt, media=by_modality)  # checks files and placeholders before the model loads
+    model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
+    with model.route(route):
+        new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return proc.decode(new[0], skip_special_tokens=True).strip()
+
+
+@click.command("mergekit-mm-run")
+@click.argument("composite", type=click.Path(file_okay=False))
+@click.argument("prompt")
+@click.option("--image", "images", multiple=True, metavar="PATH", help="An image (PNG, JPG...). Repeatable.")
+@click.option("--video", "videos", multiple=True, metavar="PATH",
+              help="A video: .npy frames (F,H,W,3), GIF, a folder of frames, or mp4/webm (needs `pip install av`).")
+@click.option("--audio", "audios", multiple=True, metavar="PATH", help="A WAV (PCM) or .npy waveform. Repeatable.")
+@click.option("--media", "media", multiple=True, metavar="MODALITY=PATH",
+              help="A file for a modality by its name in the composite (when several take one kind of media).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+              help="Default: bfloat16 on GPU, float32 on CPU.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--route", default=None, metavar="MODALITY",
+              help="Run the whole input on one modality's route (MMER: that source's own parameters).")
+@click.option("--num-frames", default=None, type=click.IntRange(1), help="Sample each video to this many frames.")
+def main(composite, prompt, images, videos, audios, media, device, dtype, max_new_tokens, route, num_frames):
+    """Answer PROMPT about the given media with the composite at COMPOSITE.
+
+    \b
+    mergekit-mm-run ./my-composite --image cat.png --audio meow.wav "What do these have in common?"
+    mergekit-mm-run ./my-composite --media video_next=clip.mp4 "<video_next> What happens?"
+    """
+    kinds = [("image", p) for p in images] + [("video", p) for p in videos] + [("audio", p) for p in audios]
+    try:
+        text = answer(composite, prompt, _media_option(media), kinds=kinds, device=device, dtype=dtype,
+                      max_new_tokens=max_new_tokens, route=route, num_frames=num_frames)
+    except CompositionError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()
