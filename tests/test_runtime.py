@@ -152,3 +152,14 @@ def test_bad_inputs_are_clear(family, tmp_path):
     (tmp_path / "c" / "modalities" / "image" / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(CompositionError, match="image"):
         CompositeModel.from_pretrained(out)
+
+
+@pytest.mark.parametrize("hidden", [16, 12])  # byte-aligned rows, and the fallback
+def test_route_delta_rows_equal_the_full_delta_rows(hidden):
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(10, hidden, generator=g)
+    masks = [pack_mask(torch.rand(10, hidden, generator=g) > 0.5) for _ in range(2)]
+    d = RouteDelta(tau, masks, [1.5, 0.7], 0.3)
+    ids = torch.tensor([[3, 0, 9], [9, 9, 1]])
+    for route in (1, 2):
+        torch.testing.assert_close(d.rows(route, ids), d.delta(route)[ids])

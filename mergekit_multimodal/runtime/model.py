@@ -34,6 +34,8 @@ class CompositeModel(nn.Module):
         self.modalities: List[str] = list(config["modalities"])
         self.placeholder_ids = {m: config["modalities"][m]["placeholder_id"] for m in self.modalities}
         self.route_of = {m: i + 1 for i, m in enumerate(self.modalities)} if config.get("routes") else {}
+        self.embed_delta: Optional[RouteDelta] = None  # resident only for a tied head, else read by route()
+        self._embed_name = ""
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -50,11 +52,15 @@ class CompositeModel(nn.Module):
             raise CompositionError(f"{path}: the merged LLM does not load ({type(exc).__name__}: {exc})") from None
         state = RouteState()
         embed_delta = None
+        embed_name = _embedding_param_name(llm)
+        tied = bool(llm.config.tie_word_embeddings)
         if cfg.get("routes"):
-            deltas = _read_route_deltas(path, cfg, list(cfg["modalities"]), llm.dtype)
-            embed_name = _embedding_param_name(llm)
+            # The embedding's delta only serves whole-input routes (modality tokens have no
+            # embeddings), so it is read when `route()` is entered, unless a tied head needs it.
+            skip = () if tied else (embed_name,)
+            deltas = _read_route_deltas(path, cfg, list(cfg["modalities"]), llm.dtype, skip=skip)
             embed_delta = deltas.get(embed_name)
-            if llm.config.tie_word_embeddings and embed_delta is not None:
+            if tied and embed_delta is not None:
                 deltas.setdefault("lm_head.weight", embed_delta)  # a tied head follows its embedding
             install_routes(llm, deltas, state)
         llm.to(device).eval()
@@ -64,6 +70,7 @@ class CompositeModel(nn.Module):
             encoders[m] = ModalityEncoder(m, info["family"], os.path.join(path, info["path"]), llm.dtype, device)
         model = cls(path, llm, encoders, cfg, state)
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
+        model._embed_name = embed_name
         return model
 
     @property
@@ -86,12 +93,16 @@ class CompositeModel(nn.Module):
         """Run every token on one modality's route (MMER retention use); None = per-token routing."""
         if modality is not None and modality not in self.route_of:
             raise CompositionError(f"no route {modality!r}; routes: {', '.join(self.route_of) or 'none (not MMER)'}")
-        old = self.state.whole
+        old, old_embed = self.state.whole, self.embed_delta
         self.state.whole = self.route_of.get(modality) if modality else None
+        if self.state.whole and self.embed_delta is None:  # read now, dropped on exit (see from_pretrained)
+            cfg = self.composite_config
+            found = _read_route_deltas(self.path, cfg, self.modalities, self.dtype, only=(self._embed_name,))
+            self.embed_delta = found[self._embed_name].to(self.device) if found else None
         try:
             yield self
         finally:
-            self.state.whole = old
+            self.state.whole, self.embed_delta = old, old_embed
 
     # -- inputs ----------------------------------------------------------------------------------
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -149,8 +160,8 @@ class CompositeModel(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Text-token embeddings: merged rows, or the chosen route's rows when one route is forced."""
         out = self.llm.get_input_embeddings()(ids)
-        if self.state.whole and getattr(self, "embed_delta", None) is not None:
-            out = out + self.embed_delta.delta(self.state.whole)[ids].to(out.dtype)
+        if self.state.whole and self.embed_delta is not None:
+            out = out + self.embed_delta.rows(self.state.whole, ids).to(out.dtype)
         return out
 
     # -- running ---------------------------------------------------------------------------------
@@ -184,13 +195,14 @@ def _embedding_param_name(llm: nn.Module) -> str:
     return next(f"{n}.weight" for n, m in llm.named_modules() if m is emb)
 
 
-def _read_route_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.dtype) -> Dict[str, RouteDelta]:
+def _read_route_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.dtype,
+                       skip: Sequence[str] = (), only: Optional[Sequence[str]] = None) -> Dict[str, RouteDelta]:
     """One RouteDelta per routed LLM tensor: tau_* in the model's dtype, masks kept packed."""
     rdir = os.path.join(path, cfg["routes"]["dir"])
     tv, masks = _loader(rdir, cfg["routes"]["task_vector"]), _loader(rdir, cfg["routes"]["masks"])
     deltas = {}
     for name in tv.index.tensor_paths:
-        if name.endswith(":alpha"):
+        if name.endswith(":alpha") or name in skip or (only is not None and name not in only):
             continue
         try:
             deltas[name] = RouteDelta(

@@ -58,6 +58,16 @@ class RouteDelta(nn.Module):
         coeff = torch.where(mask, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
         return coeff * self.tau
 
+    def rows(self, route: int, ids: torch.Tensor) -> torch.Tensor:
+        """delta(route)[ids] without building the whole [vocab, hidden] delta (embedding lookups)."""
+        vocab, hidden = self.tau.shape
+        if hidden % 8:
+            return self.delta(route)[ids]
+        packed = getattr(self, f"mask{route - 1}").reshape(vocab, hidden // 8)[ids]
+        mask = unpack_bits(packed, (*ids.shape, hidden))
+        coeff = torch.where(mask, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
+        return coeff * self.tau[ids]
+
 
 class RoutedLinear(nn.Module):
     """nn.Linear whose tokens of modality m run on W_merged + delta_m (text tokens on W_merged)."""
