@@ -65,7 +65,7 @@ class CompositeModel(nn.Module):
             install_routes(llm, deltas, state)
         llm.to(device).eval()
         encoders = {}
-        for m in modalities or cfg["modalities"]:
+        for m in (cfg["modalities"] if modalities is None else modalities):
             info = cfg["modalities"][m]
             encoders[m] = ModalityEncoder(m, info["family"], os.path.join(path, info["path"]), llm.dtype, device)
         model = cls(path, llm, encoders, cfg, state)

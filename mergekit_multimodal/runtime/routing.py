@@ -26,20 +26,35 @@ class RouteState:
     route_ids: Optional[torch.Tensor] = None  # [batch, seq] long, 0 = text
     present: List[int] = field(default_factory=list)  # routes other than text present in route_ids
     whole: Optional[int] = None  # one route for every token (retention use), overrides route_ids
+    rows: Dict[int, torch.Tensor] = field(default_factory=dict)  # route -> its tokens' flat indices
 
     def set_tokens(self, route_ids: Optional[torch.Tensor]) -> None:
+        """Computed once per forward, shared by every routed layer."""
         self.route_ids = route_ids
         self.present = [] if route_ids is None else [int(r) for r in torch.unique(route_ids) if int(r) != 0]
+        flat = route_ids.reshape(-1) if self.present else None
+        self.rows = {r: torch.nonzero(flat == r).squeeze(-1) for r in [0, *self.present]} if self.present else {}
 
 
-def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of masks.pack_mask on any device: LSB-first bits of a flat uint8 tensor."""
+def unpack_bits(packed: torch.Tensor, shape, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Inverse of masks.pack_mask on any device: LSB-first bits of a flat uint8 tensor, as `dtype`."""
     count = 1
     for d in shape:
         count *= d
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(-1)[:count].reshape(shape).bool()
+    bits = _bit_table(packed.device, dtype).index_select(0, packed.reshape(-1).int())  # one lookup per byte
+    return bits.reshape(-1)[:count].reshape(shape)
+
+
+_TABLES: Dict[tuple, torch.Tensor] = {}
+
+
+def _bit_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: the LSB-first bits of every byte value, as 0/1 in `dtype`."""
+    key = (device, dtype)
+    if key not in _TABLES:
+        bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
+        _TABLES[key] = bits.to(dtype)
+    return _TABLES[key]
 
 
 class RouteDelta(nn.Module):
@@ -53,10 +68,16 @@ class RouteDelta(nn.Module):
         self.scales = list(scales)
         self.alpha = float(alpha)
 
+    def _mask(self, route: int) -> torch.Tensor:
+        return unpack_bits(getattr(self, f"mask{route - 1}"), self.tau.shape, self.tau.dtype)
+
+    def apply(self, base: torch.Tensor, route: int) -> torch.Tensor:
+        """base + delta_m as a new tensor, in three passes (lookup, add, addcmul)."""
+        out = torch.add(base, self.tau, alpha=-self.alpha)
+        return out.addcmul_(self._mask(route), self.tau, value=self.scales[route - 1])
+
     def delta(self, route: int) -> torch.Tensor:
-        mask = unpack_bits(getattr(self, f"mask{route - 1}"), self.tau.shape)
-        coeff = torch.where(mask, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
-        return coeff * self.tau
+        return self.apply(torch.zeros_like(self.tau), route)
 
     def rows(self, route: int, ids: torch.Tensor) -> torch.Tensor:
         """delta(route)[ids] without building the whole [vocab, hidden] delta (embedding lookups)."""
@@ -64,13 +85,18 @@ class RouteDelta(nn.Module):
         if hidden % 8:
             return self.delta(route)[ids]
         packed = getattr(self, f"mask{route - 1}").reshape(vocab, hidden // 8)[ids]
-        mask = unpack_bits(packed, (*ids.shape, hidden))
-        coeff = torch.where(mask, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
-        return coeff * self.tau[ids]
+        mask = unpack_bits(packed, (*ids.shape, hidden), self.tau.dtype)
+        tau = self.tau[ids]
+        return torch.mul(tau, -self.alpha).addcmul_(mask, tau, value=self.scales[route - 1])
 
 
 class RoutedLinear(nn.Module):
-    """nn.Linear whose tokens of modality m run on W_merged + delta_m (text tokens on W_merged)."""
+    """nn.Linear whose tokens of modality m run on W_merged + delta_m (text tokens on W_merged).
+
+    Each route's weight is built once per forward for that route's tokens and dropped after the
+    layer (so the matmul FLOPs equal the plain model's); decode steps and text-only forwards run
+    the plain linear untouched.
+    """
 
     def __init__(self, linear: nn.Linear, weight_delta: RouteDelta, bias_delta: Optional[RouteDelta], state: RouteState):
         super().__init__()
@@ -83,21 +109,26 @@ class RoutedLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # code that inspects layers (e.g. dtype/device lookups) sees the merged weight
         return self.linear.weight
 
-    def _delta_out(self, x: torch.Tensor, route: int) -> torch.Tensor:
-        b = self.bias_delta.delta(route) if self.bias_delta is not None else None
-        return F.linear(x, self.weight_delta.delta(route), b)
+    def _route_linear(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        w = self.weight_delta.apply(self.linear.weight, route)
+        b = self.linear.bias
+        if b is not None:
+            b = self.bias_delta.apply(b, route) if self.bias_delta is not None else b
+        return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
         st = self.state
         if st.whole:
-            return y + self._delta_out(x, st.whole)
+            return self._route_linear(x, st.whole)
         if not st.present or st.route_ids is None or st.route_ids.shape != x.shape[:-1]:
-            return y
-        for r in st.present:
-            sel = st.route_ids == r
-            y[sel] = y[sel] + self._delta_out(x[sel], r)
-        return y
+            return self.linear(x)
+        flat = x.reshape(-1, x.shape[-1])
+        y = flat.new_empty(flat.shape[0], self.linear.out_features)
+        for r, rows in st.rows.items():
+            if rows.numel():
+                xs = flat.index_select(0, rows)
+                y.index_copy_(0, rows, self.linear(xs) if r == 0 else self._route_linear(xs, r))
+        return y.reshape(*x.shape[:-1], -1)
 
 
 class RoutedModule(nn.Module):
