@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--span", type=int, default=256, help="tokens per modality span (4 spans; LLaVA-1.5 images are 576)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--resident-routes", action="store_true",
+                    help="the speed option: keep the 4 routes' dense weights resident (+4x memory)")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     if args.prompt < N_SOURCES * (args.span + 1):
@@ -115,7 +117,11 @@ def main() -> None:
     n_params = generate(root, args.size)
     path = compose_once(root)
     plain = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-    comp = CompositeModel.from_pretrained(str(path), torch_dtype=dtype, device=args.device, modalities=[])
+    import json
+
+    routes = list(json.loads((path / "composite_config.json").read_text())["modalities"])
+    comp = CompositeModel.from_pretrained(str(path), torch_dtype=dtype, device=args.device, modalities=[],
+                                          resident_routes=routes if args.resident_routes else ())
 
     g = torch.Generator().manual_seed(0)
     hidden = plain.config.hidden_size
@@ -137,12 +143,14 @@ def main() -> None:
 
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill", "decode")} for k, v in runs.items()}
     tps = {k: {"prefill": args.prompt / v["prefill"], "decode": args.new_tokens / v["decode"]} for k, v in med.items()}
-    mem = {"plain": resident_bytes(plain), "composite": resident_bytes(comp.llm) + resident_bytes(comp)
-           - resident_bytes(comp.llm)}
+    kept = sum(t.numel() * t.element_size() for m in comp.llm.modules() for wb in getattr(m, "_kept", {}).values()
+               for t in wb if t is not None)
+    mem = {"plain": resident_bytes(plain), "composite": resident_bytes(comp) + kept}
     print(describe())
     print(f"model: {args.size} ({n_params / 1e6:.0f}M params), {dtype}, device {args.device}, "
           f"threads {torch.get_num_threads()}; prompt {args.prompt} tokens ({N_SOURCES} spans of {args.span}), "
-          f"{args.new_tokens} decode steps, median of {args.repeats}")
+          f"{args.new_tokens} decode steps, median of {args.repeats}"
+          + (", resident routes" if args.resident_routes else ""))
     print(f"{'':12}{'prefill tok/s':>15}{'decode tok/s':>15}{'resident MiB':>15}")
     for k in ("plain", "composite"):
         print(f"{k:12}{tps[k]['prefill']:>15.1f}{tps[k]['decode']:>15.2f}{mem[k] / 2**20:>15.1f}")

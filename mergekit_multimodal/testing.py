@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-SOURCE_KINDS = ("llava", "video_llava", "llava_next_video", "qwen2_audio", "mistral3", "voxtral")
+SOURCE_KINDS = ("llava", "video_llava", "llava_next_video", "qwen2_audio", "mistral3", "voxtral", "llava_next")
 TEXT_FAMILIES = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
                  "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}
 BASE_VOCAB = 96  # <unk> <s> </s> w0..w92
@@ -68,6 +68,15 @@ def _clip_proc():
     return T.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+GRID = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+
+
+def _llava_next_proc():  # anyres: a base view plus up to 2x2 tiles of 28 px
+    size = IMAGE_SIZE
+    return T.LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                     image_grid_pinpoints=GRID)
+
+
 def _whisper_proc():  # a 1 s window of 32 mel frames: what the tiny encoders' 16 positions take
     return T.WhisperFeatureExtractor(feature_size=NUM_MEL_BINS, sampling_rate=AUDIO_RATE, hop_length=AUDIO_RATE // 32,
                                      n_fft=2 * (AUDIO_RATE // 32), chunk_length=1)
@@ -91,6 +100,8 @@ _KINDS = {
                  lambda: T.PixtralImageProcessor(size={"longest_edge": 2 * IMAGE_SIZE}, patch_size=PATCH_SIZE)),
     "voxtral": ("VoxtralForConditionalGeneration", "VoxtralConfig", "audio_config", _voxtral_audio,
                 ("[AUDIO]",), {"audio_token_id": "[AUDIO]"}, None, 1, _whisper_proc),
+    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextConfig", "vision_config", _clip,
+                   ("<image>",), {"image_token_index": "<image>"}, None, 1, _llava_next_proc),
 }
 
 
@@ -164,8 +175,9 @@ def _build_source(kind, k, base, d, *, text_family, seed, tie, dtype, delta_scal
     text = _text_config(text_family, vocab, hidden_size, num_layers, tie, **extra)
     ids = {field: tok.convert_tokens_to_ids(t) for field, t in fields.items()}
     try:
+        extra_cfg = {"image_grid_pinpoints": GRID} if kind == "llava_next" else {}
         cfg = getattr(T, cfg_name)(text_config=text.to_dict(), **{enc_key: enc_fn(hidden_size)}, **ids,
-                                   tie_word_embeddings=tie)
+                                   tie_word_embeddings=tie, **extra_cfg)
         torch.manual_seed(seed * 1000 + 500 + k)  # encoder/connector/new rows: the class's own init
         model = getattr(T, cls_name)(cfg)
     except Exception as e:  # noqa: BLE001 - report any refusal uniformly

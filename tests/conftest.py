@@ -11,13 +11,19 @@ from mergekit_multimodal.testing import build_tiny_family
 
 KINDS = ("llava", "video_llava", "llava_next_video", "qwen2_audio")
 MODALITY = {"llava": "image", "video_llava": "video", "llava_next_video": "video_next", "qwen2_audio": "audio",
-            "mistral3": "image", "voxtral": "audio"}
+            "mistral3": "image", "voxtral": "audio", "llava_next": "image"}
 PLACEHOLDER_OVERRIDE = {"llava_next_video": "<video_next>"}
 
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     return build_tiny_family(tmp_path_factory.mktemp("fam"), KINDS)
+
+
+@pytest.fixture(scope="session")
+def next_family(tmp_path_factory):
+    """LLaVA-NeXT (anyres images) on its own: the others don't need it."""
+    return build_tiny_family(tmp_path_factory.mktemp("next"), ("llava_next",))
 
 
 @pytest.fixture(scope="session")

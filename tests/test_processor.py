@@ -2,7 +2,7 @@
 
 The source side is computed independently: the source's own processor config loaded with
 transformers' Auto classes on the decoded media, its placeholder repeated once per feature (as its
-processor expands it), and the source class's own forward. Covers all six loader families.
+processor expands it), and the source class's own forward. Covers every loader family, LLaVA-NeXT's anyres tiling included.
 """
 
 import wave
@@ -19,9 +19,9 @@ from tests.conftest import MODALITY, composite_config
 
 V0 = 96
 PLACEHOLDER = {"llava": "<image>", "video_llava": "<video>", "llava_next_video": "<video>", "qwen2_audio": "<|AUDIO|>",
-               "mistral3": "[IMG]", "voxtral": "[AUDIO]"}
+               "mistral3": "[IMG]", "voxtral": "[AUDIO]", "llava_next": "<image>"}
 KIND = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
-        "qwen2_audio": "audio", "voxtral": "audio"}
+        "qwen2_audio": "audio", "voxtral": "audio", "llava_next": "image"}
 
 
 def write_media(kind, d, seed=0):
@@ -62,9 +62,10 @@ def source_inputs(path, kind, decoded):
     return {"input_features": out["input_features"]}
 
 
-@pytest.mark.parametrize("kind", ["llava", "video_llava", "llava_next_video", "qwen2_audio", "mistral3", "voxtral"])
-def test_files_through_the_processor_reproduce_the_source(kind, family, mistral_family, tmp_path):
-    fam = mistral_family if kind in ("mistral3", "voxtral") else family
+@pytest.mark.parametrize("kind", ["llava", "video_llava", "llava_next_video", "qwen2_audio", "mistral3", "voxtral",
+                                  "llava_next"])
+def test_files_through_the_processor_reproduce_the_source(kind, family, mistral_family, next_family, tmp_path):
+    fam = mistral_family if kind in ("mistral3", "voxtral") else next_family if kind == "llava_next" else family
     out = compose(composite_config(fam, "mmer", [kind]), str(tmp_path / "c"))
     modality = MODALITY[kind]
     proc = CompositeProcessor.from_pretrained(out)

@@ -163,3 +163,21 @@ def test_route_delta_rows_equal_the_full_delta_rows(hidden):
     ids = torch.tensor([[3, 0, 9], [9, 9, 1]])
     for route in (1, 2):
         torch.testing.assert_close(d.rows(route, ids), d.delta(route)[ids])
+
+
+def test_resident_routes_give_the_same_logits(family, tmp_path):
+    out = compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path / "c"))
+    lean = CompositeModel.from_pretrained(out)
+    fast = CompositeModel.from_pretrained(out, resident_routes=["image", "audio"])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("w1 <image> w2 <|AUDIO|> w3", return_tensors="pt").input_ids
+    media = {"image": media_for("llava"), "audio": media_for("qwen2_audio")}
+    with torch.no_grad():
+        want = lean(ids, media=media).logits
+        first, again = fast(ids, media=media).logits, fast(ids, media=media).logits  # built, then reused
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(again, want)
+    assert sum(len(getattr(m, "_kept", {})) for m in fast.llm.modules()) > 0
+    assert sum(len(getattr(m, "_kept", {})) for m in lean.llm.modules()) == 0
+    with pytest.raises(CompositionError, match="no such route"):
+        CompositeModel.from_pretrained(out, resident_routes=["smell"])

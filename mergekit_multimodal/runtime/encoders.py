@@ -26,6 +26,17 @@ def _split_batch(features: torch.Tensor, items: int) -> List[torch.Tensor]:
 
 
 def _llava(model, cfg, media):
+    if cfg.model_type == "llava_next":  # anyres: tiles + base view, packed with image_newline, per image
+        if "image_sizes" not in media:
+            raise CompositionError("LLaVA-NeXT images need `image_sizes` (its image processor gives them)")
+        feats = model.model.get_image_features(
+            pixel_values=media["pixel_values"], image_sizes=media["image_sizes"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
+        if not isinstance(feats, (list, tuple)) or len(feats) != media["pixel_values"].shape[0]:
+            raise CompositionError(f"unexpected LLaVA-NeXT image features ({type(feats).__name__}) from this "
+                                   f"transformers version; expected one tensor per image")
+        return list(feats)
     out = model.model.get_image_features(
         pixel_values=media["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy, image_sizes=media.get("image_sizes"))

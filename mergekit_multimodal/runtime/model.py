@@ -40,8 +40,14 @@ class CompositeModel(nn.Module):
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, device=None,
-                        device_map=None, modalities: Optional[Sequence[str]] = None) -> "CompositeModel":
-        """Load a composite; `device` (or a single-device `device_map`) places LLM and encoders."""
+                        device_map=None, modalities: Optional[Sequence[str]] = None,
+                        resident_routes: Sequence[str] = ()) -> "CompositeModel":
+        """Load a composite; `device` (or a single-device `device_map`) places LLM and encoders.
+
+        `modalities` limits which encoders are loaded (all by default). `resident_routes` trades
+        memory for prefill speed: those modalities' dense linear weights are kept once built
+        (+1x the routed weights each) instead of being rebuilt per forward.
+        """
         cfg = read_composite_config(path)
         if device is None and isinstance(device_map, (str, torch.device)):
             device = device_map
@@ -69,6 +75,10 @@ class CompositeModel(nn.Module):
             info = cfg["modalities"][m]
             encoders[m] = ModalityEncoder(m, info["family"], os.path.join(path, info["path"]), llm.dtype, device)
         model = cls(path, llm, encoders, cfg, state)
+        unknown = [m for m in resident_routes if m not in model.route_of]
+        if unknown:
+            raise CompositionError(f"resident_routes {unknown}: no such route; routes: {', '.join(model.route_of) or 'none'}")
+        state.keep = frozenset(model.route_of[m] for m in resident_routes)
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
         model._embed_name = embed_name
         return model

@@ -27,6 +27,7 @@ class RouteState:
     present: List[int] = field(default_factory=list)  # routes other than text present in route_ids
     whole: Optional[int] = None  # one route for every token (retention use), overrides route_ids
     rows: Dict[int, torch.Tensor] = field(default_factory=dict)  # route -> its tokens' flat indices
+    keep: frozenset = frozenset()  # routes whose dense weights stay resident once built (speed option)
 
     def set_tokens(self, route_ids: Optional[torch.Tensor]) -> None:
         """Computed once per forward, shared by every routed layer."""
@@ -110,10 +111,15 @@ class RoutedLinear(nn.Module):
         return self.linear.weight
 
     def _route_linear(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        kept = self.__dict__.setdefault("_kept", {})  # plain dict: kept weights are a cache, not state
+        if route in kept:
+            return F.linear(x, *kept[route])
         w = self.weight_delta.apply(self.linear.weight, route)
         b = self.linear.bias
         if b is not None:
             b = self.bias_delta.apply(b, route) if self.bias_delta is not None else b
+        if route in self.state.keep:
+            kept[route] = (w, b)
         return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
