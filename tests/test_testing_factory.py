@@ -19,6 +19,7 @@ CLASSES = {
     "qwen2_audio": T.Qwen2AudioForConditionalGeneration,
     "mistral3": T.Mistral3ForConditionalGeneration,
     "voxtral": T.VoxtralForConditionalGeneration,
+    "llava_next": T.LlavaNextForConditionalGeneration,
 }
 # non-LM top-level prefixes of the legacy layout, as in the published checkpoints
 ENCODERS = {
@@ -28,6 +29,7 @@ ENCODERS = {
     "qwen2_audio": {"audio_tower", "multi_modal_projector"},
     "mistral3": {"vision_tower", "multi_modal_projector"},
     "voxtral": {"audio_tower", "multi_modal_projector"},
+    "llava_next": {"vision_tower", "multi_modal_projector", "image_newline"},
 }
 # placeholder config field -> token, and the expected text vocab (96 + added, llava padded to 8)
 PLACEHOLDERS = {
@@ -37,6 +39,7 @@ PLACEHOLDERS = {
     "qwen2_audio": ({"audio_token_index": "<|AUDIO|>"}, 97),
     "mistral3": ({"image_token_index": "[IMG]"}, 97),
     "voxtral": ({"audio_token_id": "[AUDIO]"}, 97),
+    "llava_next": ({"image_token_index": "<image>"}, 97),
 }
 
 

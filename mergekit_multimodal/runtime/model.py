@@ -51,6 +51,11 @@ class CompositeModel(nn.Module):
         cfg = read_composite_config(path)
         if device is None and isinstance(device_map, (str, torch.device)):
             device = device_map
+        if device == "auto":  # one device: the composite's routes are not split across devices
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_map is not None and not isinstance(device_map, (str, torch.device)):
+            raise CompositionError("device_map must name one device (e.g. 'cuda:0' or 'auto'); "
+                                   "splitting a composite across devices is not supported")
         device = torch.device(device or "cpu")
         try:
             llm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
