@@ -11,6 +11,8 @@ route, as DAMC and MMER prescribe for generated tokens.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -69,13 +71,19 @@ class RouteDelta(nn.Module):
         self.scales = list(scales)
         self.alpha = float(alpha)
 
-    def _mask(self, route: int) -> torch.Tensor:
-        return unpack_bits(getattr(self, f"mask{route - 1}"), self.tau.shape, self.tau.dtype)
+    def coefficients(self, route: int, packed: Optional[torch.Tensor] = None, shape=None) -> torch.Tensor:
+        """scale_m * mask_m - alpha per element, in one lookup: each byte of the packed mask indexes
+        a [256, 8] table of its 8 coefficients (so no separate mask tensor is built)."""
+        packed = getattr(self, f"mask{route - 1}") if packed is None else packed
+        bits = _bit_table(packed.device, torch.bool)
+        table = torch.where(bits, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
+        count = self.tau.numel() if shape is None else math.prod(shape)
+        coeff = table.index_select(0, packed.reshape(-1).int()).reshape(-1)[:count]
+        return coeff.reshape(self.tau.shape if shape is None else shape)
 
     def apply(self, base: torch.Tensor, route: int) -> torch.Tensor:
-        """base + delta_m as a new tensor, in three passes (lookup, add, addcmul)."""
-        out = torch.add(base, self.tau, alpha=-self.alpha)
-        return out.addcmul_(self._mask(route), self.tau, value=self.scales[route - 1])
+        """base + delta_m as a new tensor, in two passes (coefficient lookup, addcmul)."""
+        return torch.addcmul(base, self.coefficients(route), self.tau)
 
     def delta(self, route: int) -> torch.Tensor:
         return self.apply(torch.zeros_like(self.tau), route)
@@ -86,9 +94,7 @@ class RouteDelta(nn.Module):
         if hidden % 8:
             return self.delta(route)[ids]
         packed = getattr(self, f"mask{route - 1}").reshape(vocab, hidden // 8)[ids]
-        mask = unpack_bits(packed, (*ids.shape, hidden), self.tau.dtype)
-        tau = self.tau[ids]
-        return torch.mul(tau, -self.alpha).addcmul_(mask, tau, value=self.scales[route - 1])
+        return self.coefficients(route, packed, (*ids.shape, hidden)) * self.tau[ids]
 
 
 class RoutedLinear(nn.Module):
@@ -126,8 +132,8 @@ class RoutedLinear(nn.Module):
         st = self.state
         if st.whole:
             return self._route_linear(x, st.whole)
-        if not st.present or st.route_ids is None or st.route_ids.shape != x.shape[:-1]:
-            return self.linear(x)
+        if not st.present or st.route_ids.shape != x.shape[:-1]:  # text-only forward or a decode step
+            return F.linear(x, self.linear.weight, self.linear.bias)  # (skips a module call: decode speed)
         flat = x.reshape(-1, x.shape[-1])
         y = flat.new_empty(flat.shape[0], self.linear.out_features)
         for r, rows in st.rows.items():
@@ -156,8 +162,8 @@ class RoutedModule(nn.Module):
         st = self.state
         if st.whole:
             return torch.func.functional_call(self.module, self._params(st.whole), (x, *args), kwargs)
-        y = self.module(x, *args, **kwargs)
-        if not st.present or st.route_ids is None or st.route_ids.shape != x.shape[:-1]:
+        y = self.module.forward(x, *args, **kwargs)
+        if not st.present or st.route_ids.shape != x.shape[:-1]:
             return y
         for r in st.present:
             sel = st.route_ids == r
