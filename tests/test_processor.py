@@ -147,3 +147,24 @@ def test_video_readers_agree(tmp_path):
     np.testing.assert_array_equal(M.load_video(tmp_path / "frames"), frames)
     assert M.load_video(tmp_path / "v.gif").shape == frames.shape  # GIF palettes are lossy
     np.testing.assert_array_equal(M.sample_frames(frames, 2), frames[[0, 2]])
+
+
+def test_mp4_is_read_with_pyav(tmp_path):
+    av = pytest.importorskip("av")  # optional dependency (`pip install av`; in the test extra)
+    from mergekit_multimodal.runtime import media as M
+
+    frames = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    for i in range(4):
+        frames[i, :, i * 8:(i + 1) * 8] = 255  # a white bar moving right
+    with av.open(str(tmp_path / "v.mp4"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    got = M.load_video(tmp_path / "v.mp4")
+    assert got.shape == frames.shape
+    assert np.abs(got.astype(int) - frames).mean() < 20  # lossy codec, same picture
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(CompositionError, match="bad.mp4: not a readable video"):
+        M.load_video(tmp_path / "bad.mp4")
