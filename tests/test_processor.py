@@ -118,7 +118,7 @@ def test_processor_errors_name_what_to_fix(two_modalities, tmp_path):
         proc("<image> <image>", images=[img])
     with pytest.raises(CompositionError, match="has no modality 'video'"):
         proc("w1", media={"video": [img]})
-    with pytest.raises(CompositionError, match="videos= is ambiguous: none takes videos"):
+    with pytest.raises(CompositionError, match="a video given without its modality is ambiguous: none takes videos"):
         proc("w1", videos=[img])
     with pytest.raises(CompositionError, match="image file not found: .*nope.png"):
         proc("<image>", images=[tmp_path / "nope.png"])

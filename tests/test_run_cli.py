@@ -47,7 +47,7 @@ def test_placeholders_are_added_when_the_prompt_has_none(llava_composite, tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--image", "missing.png", "w1"], "image file not found: missing.png"),
-    (["--video", "x.npy", "w1"], "videos= is ambiguous"),
+    (["--video", "x.npy", "w1"], "a video given without its modality is ambiguous"),
     (["--media", "image", "w1"], "expected MODALITY=PATH"),
     (["--media", "smell=x.npy", "w1"], "has no modality 'smell'"),
     (["w1 <image>"], "1 '<image>' placeholder(s) but 0 image item(s)"),

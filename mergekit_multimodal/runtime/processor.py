@@ -185,8 +185,9 @@ class CompositeProcessor:
         if len(matches) != 1:
             have = ", ".join(f"{m} ({self.kind(m)})" for m in self.modalities)
             why = "none takes" if not matches else f"{len(matches)} modalities take"
-            raise CompositionError(f"{kind}s= is ambiguous: {why} {kind}s in this composite ({have}); "
-                                   f"pass media={{modality: [...]}} instead")
+            raise CompositionError(f"a {kind} given without its modality is ambiguous: {why} {kind}s in this "
+                                   f"composite ({have}); name the modality (mergekit-mm-run --media NAME=PATH, "
+                                   f"or media={{NAME: [...]}} in Python)")
         return matches[0]
 
     def batch_decode(self, ids, **kwargs) -> List[str]:
