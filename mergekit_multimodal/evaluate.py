@@ -16,6 +16,7 @@ first label of the answer (no label: wrong).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ class Question:
     answer: int  # index into choices
     media: Dict[str, List[str]] = field(default_factory=dict)  # modality -> absolute paths, in order
     where: str = ""  # "benchmark.jsonl:17", for messages
+    labels: Optional[List[str]] = None  # this question's own choice labels (default: the evaluator's, A..Z)
     extra: Dict[str, Any] = field(default_factory=dict)  # any other fields of the line, kept as is
 
     @property
@@ -125,10 +127,20 @@ def _question(raw: Any, where: str, root: str, check_files: bool) -> Question:
     choices = [str(c) for c in choices]
     if len(choices) > len(LETTERS):
         raise bad(f"{len(choices)} choices; at most {len(LETTERS)}")
+    labels = raw.get("labels")
+    if labels is not None:
+        if (not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels)
+                or len(set(labels)) != len(labels)):
+            raise bad("'labels' must be a list of distinct, non-empty strings")
+        if len(labels) < len(choices):
+            raise bad(f"{len(labels)} labels for {len(choices)} choices")
+        labels = [x.strip() for x in labels]
     answer = raw["answer"]
     if isinstance(answer, bool) or not isinstance(answer, (str, int)):
         raise bad(f"answer must be a letter or a 0-based index, got {answer!r}")
-    if isinstance(answer, str):
+    if isinstance(answer, str) and labels and answer.strip() in labels[:len(choices)]:
+        index = labels.index(answer.strip())
+    elif isinstance(answer, str):
         a = answer.strip()
         if len(a) != 1 or a.upper() not in LETTERS:
             raise bad(f"answer {answer!r} is not a letter A-Z (or a 0-based index)")
@@ -166,9 +178,10 @@ def _question(raw: Any, where: str, root: str, check_files: bool) -> Question:
     subset = raw.get("subset") or _default_subset(media)
     if not isinstance(subset, str):
         raise bad("'subset' must be a string")
-    extra = {k: v for k, v in raw.items() if k not in ("id", "subset", "question", "choices", "answer", "media")}
+    extra = {k: v for k, v in raw.items()
+             if k not in ("id", "subset", "question", "choices", "answer", "media", "labels")}
     return Question(id=str(qid), subset=subset, question=text, choices=choices, answer=index, media=media,
-                    where=where, extra=extra)
+                    where=where, labels=labels, extra=extra)
 
 
 def _default_subset(media: Dict[str, List[str]]) -> str:
@@ -368,21 +381,22 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
         questions = [q for q in questions if q.subset in subsets]
     if limit is not None:
         questions = questions[:limit]
-    most = max(len(q.choices) for q in questions)
-    if len(labels) < most:
-        raise CompositionError(f"{len(labels)} choice labels for a question with {most} choices")
+    if not questions:
+        raise CompositionError("no questions to ask (after --subset / --limit)")
+    for q in questions:
+        if len(q.labels or labels) < len(q.choices):
+            raise CompositionError(f"{q.where}: {len(q.choices)} choices but {len(q.labels or labels)} choice labels")
     if batch_size < 1:
         raise CompositionError("batch_size must be at least 1")
+    if dtype and dtype not in DTYPES:
+        raise CompositionError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
 
     composite, temporary = composite_for(model_dir, modality=modality, cache_dir=cache_dir)
     try:
         proc = CompositeProcessor.from_pretrained(composite, num_frames=num_frames)
-        torch_dtype = DTYPES[dtype] if dtype else None
-        if dtype and dtype not in DTYPES:
-            raise CompositionError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-        model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
-        if route not in (None, "auto") and route not in model.route_of:
-            raise CompositionError(f"no route {route!r}; routes: {', '.join(model.route_of) or 'none (not MMER)'}")
+        routes = list(proc.modalities) if proc.composite_config.get("routes") else []  # as CompositeModel.route_of
+        if route not in (None, "auto") and route not in routes:
+            raise CompositionError(f"no route {route!r}; routes: {', '.join(routes) or 'none (not MMER)'}")
 
         jobs: Dict[Optional[str], List[Tuple[Question, str, Dict[str, str]]]] = {}
         skipped: Dict[str, int] = {}
@@ -394,13 +408,21 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
             r = route
             if route == "auto":
                 mods = sorted(set(res.values()))
-                r = mods[0] if len(mods) == 1 and mods[0] in model.route_of else None
-            jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, labels, res), res))
+                r = mods[0] if len(mods) == 1 and mods[0] in routes else None
+            jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels, res),
+                                           res))
         if not jobs:
             raise CompositionError(f"no question of the benchmark can be asked: the model has modalities "
                                    f"{', '.join(proc.modalities)}; skipped {sum(skipped.values())}")
 
-        label_cache: Dict[str, List[List[int]]] = {}
+        label_cache: Dict[Tuple[str, Tuple[str, ...]], List[List[int]]] = {}
+        if not generate:  # label tokens checked before the model loads
+            for items in jobs.values():
+                for q, prompt, _ in items:
+                    _label_ids(proc, q, prompt, labels, label_cache)
+        torch_dtype = DTYPES[dtype] if dtype else None
+        with _transformers_bars(progress):
+            model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
         preds: Dict[str, Dict[str, Any]] = {}
         total = sum(len(v) for v in jobs.values())
         bar = _progress(total, progress)
@@ -410,7 +432,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
                     batch = items[i:i + batch_size]
                     for q, out in zip((b[0] for b in batch),
                                       _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens)):
-                        out.update(id=q.id, subset=q.subset, answer=labels[q.answer], route=r,
+                        out.update(id=q.id, subset=q.subset, answer=(q.labels or labels)[q.answer], route=r,
                                    correct=out["index"] == q.answer)
                         preds[q.id] = out
                     bar.update(len(batch))
@@ -466,21 +488,42 @@ def _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens
         texts = proc.batch_decode(new, skip_special_tokens=True)
         out = []
         for (q, _, _), t in zip(batch, texts):
-            idx = parse_label(t, labels[:len(q.choices)])
-            out.append({"index": -1 if idx is None else idx, "predicted": None if idx is None else labels[idx],
+            labs = q.labels or labels
+            idx = parse_label(t, labs[:len(q.choices)])
+            out.append({"index": -1 if idx is None else idx, "predicted": None if idx is None else labs[idx],
                         "output": t})
         return out
     logits = next_token_logits(model, inputs)
     out = []
     for b, (q, prompt, _) in enumerate(batch):
-        tail = prompt.rsplit("\n", 1)[-1]
-        if tail not in label_cache:
-            label_cache[tail] = label_token_ids(proc.tokenizer, tail, labels)
-        ids = label_cache[tail][:len(q.choices)]
-        scores = [max(float(logits[b, t]) for t in group) for group in ids]
+        labs = tuple((q.labels or labels)[:len(q.choices)])
+        scores = [max(float(logits[b, t]) for t in group) for group in _label_ids(proc, q, prompt, labels, label_cache)]
         idx = max(range(len(scores)), key=lambda i: scores[i])
-        out.append({"index": idx, "predicted": labels[idx], "scores": [round(s, 5) for s in scores]})
+        out.append({"index": idx, "predicted": labs[idx], "scores": [round(s, 5) for s in scores]})
     return out
+
+
+def _label_ids(proc, q: Question, prompt: str, labels, cache) -> List[List[int]]:
+    labs = tuple((q.labels or labels)[:len(q.choices)])
+    key = (prompt.rsplit("\n", 1)[-1], labs)  # the prompt's last line is the context the label follows
+    if key not in cache:
+        cache[key] = label_token_ids(proc.tokenizer, key[0], labs)
+    return cache[key]
+
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool):
+    """transformers' own progress bars ("Loading weights") follow ours."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    if not enabled:
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            tlog.enable_progress_bar()
 
 
 def _last_error(proc, batch) -> str:
