@@ -654,8 +654,9 @@ def write_results(result: EvalResult, out_dir: str) -> Dict[str, str]:
 @click.option("--subset", "subsets", multiple=True, metavar="NAME", help="Only this subset. Repeatable.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--modality", default=None, help="A single source's modality name (default: from its family).")
-@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
-              help="Prompt; {question} and {choices} are filled in (\\n for a new line).")
+@click.option("--template", default=None,
+              help="Prompt; {question} and {choices} are filled in, \\n is a new line "
+                   "(default: '{question}\\n{choices}\\nAnswer:').")
 @click.option("--labels", default=None, metavar="A,B,C,...",
               help="Choice labels shown and scored (default: A..Z). Comma-separated.")
 @click.option("--generate", is_flag=True, help="Greedy generation, first label of the answer (MCUB's way).")
@@ -674,7 +675,7 @@ def main(model, benchmark, out, device, dtype, route, limit, subsets, batch_size
     mergekit-mm-eval ./llava-1.5-7b ./mcub --subset image --route image
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    template = template.replace("\\n", "\n")
+    template = template.replace("\\n", "\n") if template else DEFAULT_TEMPLATE
     label_list = tuple(s.strip() for s in labels.split(",")) if labels else LETTERS
     try:
         if any(not s for s in label_list) or len(set(label_list)) != len(label_list):

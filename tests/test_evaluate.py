@@ -165,6 +165,12 @@ def test_prompt_building_and_label_tokens(composite, media):
                                     _questions(media, dict.fromkeys(PROMPTS, 0))))
     for q in qs:
         assert build_prompt(q, proc.placeholders, labels=q.labels) == PROMPTS[q.id]
+    assert build_prompt(qs[2], proc.placeholders, "USER: {question} ({choices}) ASSISTANT:", ["x", "y"]) == \
+        "USER: w9 <|AUDIO|> (x. w1\ny. w2) ASSISTANT:"
+    bare = load_benchmark(write_bench(Path(media["image"]).parent.parent / "p2", [
+        {"question": "w1", "choices": ["w2", "w3"], "answer": 0,
+         "media": {"audio": [str(media["audio"])], "image": [str(media["image"])] * 2}}]))[0]
+    assert build_prompt(bare, proc.placeholders).startswith("<|AUDIO|> <image> <image> w1\nA. w2\nB. w3")
     assert label_token_ids(proc.tokenizer, "w1 w2\nAnswer:", LABELS) == [[proc.tokenizer.convert_tokens_to_ids(t)]
                                                                          for t in LABELS]
     with pytest.raises(CompositionError, match="no token for the choice label 'A'"):
