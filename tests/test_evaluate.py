@@ -302,3 +302,20 @@ def test_cli_bad_input_exits_1_with_one_line(composite, media, tmp_path, edit, a
     assert res.exit_code == 1, res.output
     assert message in res.output and not (tmp_path / "o").exists()
     assert res.stderr.strip().count("\n") == 0  # one line
+
+
+def test_a_benchmark_video_fills_the_composites_one_video_modality(family, tmp_path):
+    """`video` in the benchmark -> `video_next` (the composite's only video modality), `<video_next>` placeholder."""
+    out = compose(composite_config(family, "mmer", ["llava_next_video"]), str(tmp_path / "c"))
+    clip, _ = write_media("video", tmp_path)
+    bench = write_bench(tmp_path / "b", [{"id": "v", "question": "w3 <video> w4", "choices": ["w1", "w2", "w3"],
+                                          "labels": LABELS[:3], "answer": 0, "media": {"video": [str(clip)]}}])
+    proc = CompositeProcessor.from_pretrained(out)
+    model = CompositeModel.from_pretrained(out)
+    ids = [proc.tokenizer.convert_tokens_to_ids(t) for t in LABELS[:3]]
+    with torch.no_grad(), model.route("video_next"):
+        logits = model(**proc("w3 <video_next> w4\nw10. w1\nw11. w2\nw12. w3\nAnswer:",
+                              media={"video_next": [str(clip)]})).logits[0, -1]
+    res = evaluate(out, str(bench), route="auto", progress=False)
+    assert res.predictions[0]["index"] == int(torch.argmax(logits[ids]))
+    assert res.predictions[0]["route"] == "video_next" and res.subsets["video"].total == 1
