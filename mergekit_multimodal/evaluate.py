@@ -281,6 +281,13 @@ class EvalResult:
             d.pop("predictions")
         return d
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "EvalResult":
+        d = dict(d)
+        d["subsets"] = {s: SubsetScore(**v) for s, v in d["subsets"].items()}
+        d.setdefault("predictions", [])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
 
 def _score(questions: List[Question], preds: List[Dict[str, Any]]) -> Tuple[Dict[str, SubsetScore], int, int]:
     per: Dict[str, List[int]] = {}
@@ -621,6 +628,21 @@ def plot_results(results: Sequence[EvalResult], path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def load_results(path: str) -> EvalResult:
+    """An `EvalResult` back from `write_results`' directory (or its results.json), predictions included."""
+    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            result = EvalResult.from_dict(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CompositionError(f"{file}: not an evaluation result ({type(exc).__name__}: {exc})") from None
+    preds = os.path.join(os.path.dirname(file), "predictions.jsonl")
+    if os.path.isfile(preds):
+        with open(preds) as f:
+            result.predictions = [json.loads(line) for line in f if line.strip()]
+    return result
 
 
 def write_results(result: EvalResult, out_dir: str) -> Dict[str, str]:

@@ -21,6 +21,7 @@ from mergekit_multimodal.evaluate import (
     format_table,
     label_token_ids,
     load_benchmark,
+    load_results,
     main,
     parse_label,
     write_results,
@@ -266,6 +267,8 @@ def test_write_results_and_table(composite, media, tmp_path):
     lines = Path(paths["predictions"]).read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["i1", "i2", "a1", "c1"]
     assert Path(paths["plot"]).read_bytes()[:4] == b"\x89PNG"
+    back = load_results(str(tmp_path / "out"))
+    assert back == res  # results.json + predictions.jsonl give the same EvalResult
     other = EvalResult(**{**res.__dict__, "name": "other"})
     table = format_table([res, other])
     header, _, *rows = table.splitlines()
