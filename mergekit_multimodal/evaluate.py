@@ -546,15 +546,8 @@ def next_token_logits(model, inputs: Dict[str, Any]) -> torch.Tensor:
 
     Position ids follow the attention mask, so a padded row scores as it would alone.
     """
-    embeds, mask, route_ids = model.prepare_inputs(inputs["input_ids"], inputs.get("attention_mask"),
-                                                   inputs.get("media"))
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    model.state.set_tokens(route_ids)
-    try:
-        with torch.inference_mode():
-            out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
-    finally:
-        model.state.set_tokens(None)
+    with torch.inference_mode():
+        out = model(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("media"), logits_to_keep=1)
     return out.logits[:, -1, :].float()
 
 
