@@ -10,6 +10,8 @@ import transformers
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.damc_train import save_decoupled, train_decoupled
 from mergekit_multimodal.decoupled import safe_torch_load
+from mergekit_multimodal.hub import validate_for_push
+from mergekit_multimodal.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel
 from tests.conftest import read_dir, read_json
 from tests.test_runtime import media_for
@@ -86,6 +88,11 @@ def test_damc_formula_matches_numpy_reference(family, sources, tmp_path):
         np.testing.assert_allclose(r, w0 + _delta(mi, smi, name), atol=1e-5)
         n += 1
     assert n == 2 * len(TARGETS)
+    for name, w in iter_route(out, "image", torch.float64):  # the documented rebuild, streamed
+        want = base[name] + _delta(mi, smi, name) if name in mi else None
+        if want is not None:
+            np.testing.assert_allclose(w.numpy(), want, atol=1e-5)
+    assert "routes/damc.safetensors" in validate_for_push(out)
     cc = read_json(f"{out}/composite_config.json")
     assert cc["routes"]["kind"] == "damc" and cc["routes"]["low_rank"]
     assert cc["modalities"]["image"]["prefix_suffix"] == "modalities/image/prefix_suffix.safetensors"
