@@ -110,18 +110,22 @@ def _json(path: str) -> dict:
         raise CompositionError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _scale(cfg: dict, where: str) -> float:
-    """PEFT's scaling: lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA)."""
-    r = cfg.get("r", cfg.get("lora_r"))
+def _scale(cfg: dict, where: str) -> Callable[[int], float]:
+    """PEFT's scaling as a function of each module's rank: lora_alpha / r (lora_alpha / sqrt(r) with
+    rsLoRA). The rank is read from lora_A's shape, so PEFT's `rank_pattern` is honoured."""
     alpha = cfg.get("lora_alpha")
-    if not r or alpha is None:
+    if alpha is None or not cfg.get("r", cfg.get("lora_r")):
         raise CompositionError(f"{where}: needs the LoRA rank and alpha (`r`/`lora_r` and `lora_alpha`)")
+    if cfg.get("alpha_pattern"):
+        raise CompositionError(f"{where}: per-module `alpha_pattern` is not supported; merge it into plain LoRA first")
+    if cfg.get("use_dora"):
+        raise CompositionError(f"{where}: DoRA adapters are not plain low-rank deltas; DAMC reads LoRA only")
     if cfg.get("use_rslora"):
-        return float(alpha) / float(r) ** 0.5
-    return float(alpha) / float(r)
+        return lambda r: float(alpha) / float(r) ** 0.5
+    return lambda r: float(alpha) / float(r)
 
 
-def _pair(factors: Dict[str, Dict[str, torch.Tensor]], scale: float, where: str,
+def _pair(factors: Dict[str, Dict[str, torch.Tensor]], scale: Callable[[int], float], where: str,
           name_map: Callable[[str], str]) -> Dict[str, LowRank]:
     out = {}
     for module, ab in factors.items():
@@ -130,7 +134,7 @@ def _pair(factors: Dict[str, Dict[str, torch.Tensor]], scale: float, where: str,
         A, B = ab["A"], ab["B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise CompositionError(f"{where}: {module}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not pair")
-        out[name_map(module + ".weight")] = LowRank(A, B, scale)
+        out[name_map(module + ".weight")] = LowRank(A, B, scale(A.shape[0]))
     return out
 
 

@@ -189,6 +189,29 @@ def test_low_rank_and_densified_composites_agree(family, sources, tmp_path):
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
+def test_peft_checkpoint_with_two_named_adapters(family, tmp_path):
+    """What PEFT itself saves for a LLaVA holding adapters `text` (r=4) and `image` (r=2)."""
+    peft = pytest.importorskip("peft")
+    m = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"])
+    target = r".*language_model.*\.(q_proj|v_proj)"
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False),
+                             adapter_name="text")
+    pm.add_adapter("image", peft.LoraConfig(r=2, lora_alpha=8, target_modules=target, init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    cfg = {"merge_method": "damc", "base_model": str(family.base), "models": [
+        {"model": str(family.sources["llava"]), "modality": "image", "adapters": str(tmp_path / "ad")}]}
+    out = compose(cfg, str(tmp_path / "c"))
+    text, s = _factors(str(tmp_path / "ad" / "text"))
+    mod, sm = _factors(str(tmp_path / "ad" / "image"))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    key = "model.language_model.layers.1.self_attn.v_proj.weight"
+    w0 = read_dir(family.base)[name].double().numpy()
+    np.testing.assert_allclose(read_dir(out)[name].double().numpy(), w0 + _delta(text, s, key), atol=1e-5)
+    route = dict(iter_route(out, "image", torch.float64))[name].numpy()
+    np.testing.assert_allclose(route, w0 + _delta(mod, sm, key), atol=1e-5)
+    assert sm == 4.0 and s == 2.0
+
+
 # -- ModelCompose release layout -------------------------------------------------------------------
 
 def _modelcompose(family, d, seed=3, r=4, alpha=8):
