@@ -23,7 +23,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file
@@ -57,14 +57,33 @@ class LowRank:
 
 
 @dataclass
+class Dense:
+    """A dense delta [out, in] (a source trained with full decoupled weights, not LoRA)."""
+
+    delta: torch.Tensor
+    rank = None
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.delta.shape)
+
+    def dense(self, rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.delta[rows].to(dtype)
+
+
+Delta = Union[LowRank, Dense]
+DENSE_FILE = "delta.safetensors"
+
+
+@dataclass
 class DecoupledSource:
     """One DAMC source: deltas by causal-LM tensor name (`model.layers.0.self_attn.q_proj.weight`)."""
 
     path: str
     form: str  # "peft" | "modelcompose"
     adapter: str  # the modality adapter's name inside the checkpoint
-    text: Dict[str, LowRank] = field(default_factory=dict)
-    modality: Dict[str, LowRank] = field(default_factory=dict)
+    text: Dict[str, "Delta"] = field(default_factory=dict)
+    modality: Dict[str, "Delta"] = field(default_factory=dict)
     prefix: Optional[torch.Tensor] = None  # [n_prefix, hidden]
     suffix: Optional[torch.Tensor] = None
     projector: Dict[str, torch.Tensor] = field(default_factory=dict)  # ModelCompose: modal_projectors.<m>.*
@@ -170,7 +189,7 @@ def read_decoupled(directory: str, modality: str, name_map: Callable[[str], str]
 
 def _read_peft(directory: str, modality: str, name_map, adapter: Optional[str]) -> DecoupledSource:
     adapters = {d: os.path.join(directory, d) for d in sorted(os.listdir(directory))
-                if os.path.exists(os.path.join(directory, d, "adapter_config.json"))}
+                if any(os.path.exists(os.path.join(directory, d, f)) for f in ("adapter_config.json", DENSE_FILE))}
     if os.path.exists(os.path.join(directory, "adapter_config.json")):
         adapters.setdefault("default", directory)
     text_name = TEXT_ADAPTER if TEXT_ADAPTER in adapters else "default" if "default" in adapters else None
@@ -185,6 +204,9 @@ def _read_peft(directory: str, modality: str, name_map, adapter: Optional[str]) 
     src = DecoupledSource(directory, "peft", adapter)
     for which, name in (("text", text_name), ("modality", adapter)):
         d = adapters[name]
+        if os.path.exists(os.path.join(d, DENSE_FILE)):  # dense deltas: <module>.weight -> [out, in]
+            setattr(src, which, _read_dense(os.path.join(d, DENSE_FILE), name_map))
+            continue
         cfg = _json(os.path.join(d, "adapter_config.json"))
         by_adapter, rest = _split_lora(_read_weights(d), d)
         if rest:
@@ -199,6 +221,20 @@ def _read_peft(directory: str, modality: str, name_map, adapter: Optional[str]) 
         tokens = load_file(ps)
         src.prefix, src.suffix = _tokens(tokens, adapter, modality, ps)
     return src
+
+
+def _read_dense(path: str, name_map) -> Dict[str, Dense]:
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        raise CompositionError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    out = {}
+    for key, t in tensors.items():
+        if t.dim() != 2 or not key.endswith(".weight"):
+            raise CompositionError(f"{path}: {key!r} must be a 2-D delta of a linear layer's `.weight`")
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        out[name_map(name)] = Dense(t)
+    return out
 
 
 def _tokens(tokens: Dict[str, torch.Tensor], adapter: str, modality: str, where: str):

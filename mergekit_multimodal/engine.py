@@ -188,15 +188,21 @@ def _damc_routed(plan: CompositePlan, name: str) -> bool:
     return any(name in d.text or name in d.modality for d in plan.decoupled)
 
 
+def _damc_dense(plan: CompositePlan, name: str) -> bool:
+    """Dense route deltas for this tensor: asked for (`densify`), or some source's delta is dense."""
+    if plan.global_params.get("densify", False):
+        return True
+    return any(getattr(d.get(name), "rank", 0) is None for dec in plan.decoupled for d in (dec.text, dec.modality))
+
+
 def _damc_entries(plan: CompositePlan):
     """Every DAMC route tensor with its shape, planned before any is written (docs/format.md)."""
-    dense = bool(plan.global_params.get("densify", False))
     entries = []
     for j in plan.jobs:
         if not _damc_routed(plan, j.name):
             continue
         out_f, in_f = j.shape
-        if dense:
+        if _damc_dense(plan, j.name):
             entries += [Entry(L.damc_key(m, j.name), j.shape, j.out_dtype) for m in plan.modalities]
             continue
         rank = sum(d.text[j.name].rank for d in plan.decoupled if j.name in d.text)
@@ -212,10 +218,10 @@ def _damc_entries(plan: CompositePlan):
 
 
 def _write_damc_routes(plan: CompositePlan, job: TensorJob, lambdas, writer) -> None:
-    """Route m = merged - sum_i lambda_i dT_i + dM_m: its factors, or (densify) the dense delta."""
+    """Route m = merged - sum_i lambda_i dT_i + dM_m: its factors, or (dense) the dense delta."""
     dt = job.out_dtype
     texts = [(lam, d.text[job.name]) for lam, d in zip(lambdas, plan.decoupled) if job.name in d.text]
-    if plan.global_params.get("densify", False):
+    if _damc_dense(plan, job.name):
         text = sum((lam * lr.dense() for lam, lr in texts), torch.zeros(job.shape))
         for m, d in zip(plan.modalities, plan.decoupled):
             mod = d.modality[job.name].dense() if job.name in d.modality else 0.0

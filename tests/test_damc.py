@@ -212,6 +212,28 @@ def test_peft_checkpoint_with_two_named_adapters(family, tmp_path):
     assert sm == 4.0 and s == 2.0
 
 
+def test_dense_source_deltas_compose_like_their_lora_form(family, sources, tmp_path):
+    """A source may bring dense deltas (`delta.safetensors` per adapter dir); those tensors get dense routes."""
+    from safetensors.torch import save_file
+
+    dense = tmp_path / "audio_dense"
+    for adapter in ("text", "audio"):
+        f, s = _factors(f"{sources['audio']}/{adapter}")
+        (dense / adapter).mkdir(parents=True)
+        save_file({n: torch.as_tensor(_delta(f, s, n)).float() for n in f}, str(dense / adapter / "delta.safetensors"))
+    save_file(read_dir(sources["audio"]), str(dense / "prefix_suffix.safetensors"))
+    outs = [compose(_cfg(family, {"image": sources["image"], "audio": a}), str(tmp_path / f"c{i}"))
+            for i, a in enumerate((sources["audio"], str(dense)))]
+    keys = read_dir(f"{outs[1]}/routes")
+    assert "image/model.layers.0.self_attn.q_proj.weight" in keys and "text/model.layers.0.self_attn.q_proj.weight:A" not in keys
+    logits = []
+    for out in outs:
+        model = CompositeModel.from_pretrained(out)
+        logits.append(_run(model, out, "w1 <|AUDIO|> w2 <image> w3",
+                           {"image": media_for("llava"), "audio": media_for("qwen2_audio")})[0])
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
 # -- ModelCompose release layout -------------------------------------------------------------------
 
 def _modelcompose(family, d, seed=3, r=4, alpha=8):

@@ -261,7 +261,7 @@ def _read_damc_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.
     deltas = {}
     for tensor, routes in grouped.items():
         try:
-            if not cfg["routes"].get("low_rank", True):
+            if any("dense" in d for d in routes.values()):  # densify, or a dense source delta
                 deltas[tensor] = DenseDelta({route_of[m]: d["dense"] for m, d in routes.items()})
                 continue
             text = routes.pop(L.TEXT_ROUTE, None)
