@@ -25,8 +25,17 @@ def _peft_source(family, out, modality, seed, steps=6):
     llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
     g = torch.Generator().manual_seed(seed)
     hidden = llm.config.hidden_size
-    batches = [{"prompt_ids": torch.randint(3, V0, (4,), generator=g), "features": torch.randn(4, hidden, generator=g),
-                "target_ids": torch.randint(3, V0, (5,), generator=g)} for _ in range(1)]
+    if modality == "image":  # the tiny LLaVA's own encoder + connector give the features
+        mllm = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"]).eval()
+        cfg = mllm.config
+        with torch.no_grad():
+            feats = mllm.model.get_image_features(
+                pixel_values=media_for("llava", seed)["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output[0]
+    else:
+        feats = torch.randn(4, hidden, generator=g)
+    batches = [{"prompt_ids": torch.randint(3, V0, (4,), generator=g), "features": feats,
+                "target_ids": torch.randint(3, V0, (5,), generator=g)}]
     trained = train_decoupled(llm, batches, modality=modality, rank=4, alpha=8, steps=steps, lr=5e-2,
                               target_modules=TARGETS, seed=seed)
     assert trained.losses[-1] < trained.losses[0]
@@ -174,6 +183,10 @@ def test_runtime_routes_match_independent_computation(family, sources, tmp_path,
     assert "multi_modal_projector.linear_1.weight" in prefix
     want = ref.logits(embeds, mask, rids)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    new = model.generate(tok("w1 w2 <image> w3", return_tensors="pt").input_ids, media={"image": media_for("llava")},
+                         max_new_tokens=3, do_sample=False)
+    assert new.shape[-1] == 3  # decode steps run on the text route
     with model.route("image"):  # whole-input route: W0 + dM_image everywhere
         logits = model(transformers.AutoTokenizer.from_pretrained(out)("w1 w2", return_tensors="pt").input_ids).logits
     assert torch.isfinite(logits).all()
