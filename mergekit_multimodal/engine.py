@@ -314,6 +314,8 @@ def _write_composite_config(plan: CompositePlan, out: str) -> None:
             dec = plan.decoupled[i]
             modalities[m]["adapters"] = {"source": plan.config.models[i].adapters, "form": dec.form,
                                          "name": dec.adapter}
+            if dec.encoders:  # what a ModelCompose release says it was trained with
+                modalities[m]["adapters"]["encoders"] = dec.encoders
             if dec.prefix is not None or dec.suffix is not None:
                 modalities[m]["prefix_suffix"] = f"{L.MODALITIES_DIR}/{m}/{L.PREFIX_SUFFIX_FILE}"
     doc = {

@@ -188,8 +188,8 @@ def test_runtime_routes_match_independent_computation(family, sources, tmp_path,
                          max_new_tokens=3, do_sample=False)
     assert new.shape[-1] == 3  # decode steps run on the text route
     with model.route("image"):  # whole-input route: W0 + dM_image everywhere
-        logits = model(transformers.AutoTokenizer.from_pretrained(out)("w1 w2", return_tensors="pt").input_ids).logits
-    assert torch.isfinite(logits).all()
+        got, embeds, mask, rids = _run(model, out, "w1 w2")
+    torch.testing.assert_close(got.double(), ref.logits(embeds, mask, torch.ones_like(rids)), rtol=1e-4, atol=1e-4)
 
 
 def test_low_rank_and_densified_composites_agree(family, sources, tmp_path):
@@ -283,7 +283,8 @@ def test_modelcompose_release_composes_and_runs(family, tmp_path):
     stored = read_dir(f"{out}/modalities/image")
     torch.testing.assert_close(stored["multi_modal_projector.linear_1.weight"], sd["model.modal_projectors.vision.0.weight"])
     cc = read_json(f"{out}/composite_config.json")
-    assert cc["modalities"]["image"]["adapters"] == {"source": str(tmp_path / "mc"), "form": "modelcompose", "name": "vision"}
+    assert cc["modalities"]["image"]["adapters"] == {"source": str(tmp_path / "mc"), "form": "modelcompose", "name": "vision",
+                                                     "encoders": {"mm_vision_encoder": "openai/clip-vit-large-patch14-336"}}
     text, mod = {}, {}
     for k in sd:
         if ".lora_A." in k:

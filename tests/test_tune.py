@@ -84,3 +84,11 @@ def test_unknown_modality_key_is_an_error(task):
 
     with pytest.raises(CompositionError, match="no model with modality 'video'"):
         apply_values(task[0], {"video.lambda": 1.0})
+
+
+def test_method_parameters_for_mmer_are_top_level_keys():
+    cfg = {"merge_method": "mmer", "base_model": "b", "models": [{"model": "a", "modality": "image"}],
+           "parameters": {"election": "max"}}
+    got = apply_values(cfg, {"alpha": 0.5, "lambda": 1.5})
+    assert got["parameters"] == {"election": "max", "alpha": 0.5, "lambda": 1.5} and cfg["parameters"] == {"election": "max"}
+    assert set(tune_mod.default_space(cfg)) == {"alpha", "lambda"}
