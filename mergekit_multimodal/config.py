@@ -49,6 +49,13 @@ class SourceModel(_Strict):
     )
     layout: Optional[LayoutOverride] = None
     parameters: Optional[Dict[str, ParameterSetting]] = None
+    adapters: Optional[str] = Field(
+        None, description="damc only: directory of the decoupled text/modality adapters (PEFT two-adapter "
+        "form or a ModelCompose release); `model` then supplies the encoder and connector"
+    )
+    adapter_name: Optional[str] = Field(
+        None, description="damc only: the modality adapter's name inside `adapters` (default: the modality)"
+    )
 
 
 class CompositeMergeConfig(_Strict):
@@ -83,6 +90,12 @@ class CompositeMergeConfig(_Strict):
                     f"{src.model}); give each source its own modality name"
                 )
             seen[src.modality] = str(src.model)
+        for i, src in enumerate(self.models):
+            if self.merge_method == "damc" and not src.adapters:
+                raise ValueError(f"models[{i}] ({src.modality}): merge_method damc needs `adapters:`, the "
+                                 "directory of this source's decoupled text/modality adapters (docs/damc.md)")
+            if self.merge_method != "damc" and (src.adapters or src.adapter_name):
+                raise ValueError(f"models[{i}] ({src.modality}): `adapters:` is only read by merge_method damc")
         return self
 
     def to_yaml(self) -> str:

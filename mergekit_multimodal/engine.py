@@ -24,7 +24,8 @@ from mergekit_multimodal import layout as L
 from mergekit_multimodal.card import write_card
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.masks import pack_mask
-from mergekit_multimodal.methods.base import scales_from_sums
+from mergekit_multimodal.methods.base import MergeOutput, scales_from_sums
+from mergekit_multimodal.methods.damc import lambdas_of, text_route
 from mergekit_multimodal.plan import CompositePlan, TensorJob
 from mergekit_multimodal.shard_writer import Entry, PlannedShardWriter
 
@@ -76,6 +77,9 @@ def _write_composite(plan: CompositePlan, out: str, config_source: Optional[str]
                 masks += [Entry(L.mask_key(m, j.name), packed, torch.uint8), Entry(L.scale_key(m, j.name), (), torch.float32)]
         writers["tv"] = PlannedShardWriter(routes_dir, tv, opts.out_shard_size, L.TASK_VECTOR_BASENAME)
         writers["masks"] = PlannedShardWriter(routes_dir, masks, opts.out_shard_size, L.MASKS_BASENAME)
+    if plan.damc:
+        writers["damc"] = PlannedShardWriter(os.path.join(out, L.ROUTES_DIR), _damc_entries(plan),
+                                             opts.out_shard_size, L.DAMC_BASENAME)
     try:
         for job in tqdm.tqdm(plan.jobs, desc=f"Composing ({plan.method.name})", unit="tensor", disable=opts.quiet):
             _merge_tensor(plan, job, writers)
@@ -133,7 +137,15 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
     tau_l1 = [0.0] * len(plan.sources)
     masked_l1 = [0.0] * len(plan.sources)
     rescale = False
+    lambdas = lambdas_of(params, len(plan.sources)) if plan.damc else None
     for sl in _row_chunks(job, rows, method.chunkable):
+        if plan.damc:  # W0 + sum_i lambda_i dT_i, the text deltas densified row chunk by row chunk
+            x = raw[0][sl].to(device=device, dtype=dtype)
+            plan.base.check_finite(x, plan.base.key(job.name))
+            deltas = [d.text[job.name].dense(sl, dtype).to(device) if job.name in d.text else None
+                      for d in plan.decoupled]
+            merged[sl] = MergeOutput(text_route(x, deltas, lambdas)).merged.to("cpu", job.out_dtype)
+            continue
         chunk = []
         for ckpt, t in zip(inputs, raw):
             x = t[sl].to(device=device, dtype=dtype)
@@ -162,6 +174,8 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
             plan.sources[c.source].check_finite(row, plan.sources[c.source].key(job.name))
             merged[c.row] = row.to(job.out_dtype)
     writers["llm"].write(job.name, merged)
+    if plan.damc and _damc_routed(plan, job.name):
+        _write_damc_routes(plan, job, lambdas, writers["damc"])
     if plan.routed:
         writers["tv"].write(job.name, tau)
         writers["tv"].write(L.alpha_key(job.name), torch.tensor(float(params.shared["alpha"]), dtype=torch.float32))
@@ -170,15 +184,76 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
             writers["masks"].write(L.scale_key(modality, job.name), torch.tensor(scale, dtype=torch.float32))
 
 
+def _damc_routed(plan: CompositePlan, name: str) -> bool:
+    return any(name in d.text or name in d.modality for d in plan.decoupled)
+
+
+def _damc_dense(plan: CompositePlan, name: str) -> bool:
+    """Dense route deltas for this tensor: asked for (`densify`), or some source's delta is dense."""
+    if plan.global_params.get("densify", False):
+        return True
+    return any(getattr(d.get(name), "rank", 0) is None for dec in plan.decoupled for d in (dec.text, dec.modality))
+
+
+def _damc_entries(plan: CompositePlan):
+    """Every DAMC route tensor with its shape, planned before any is written (docs/format.md)."""
+    entries = []
+    for j in plan.jobs:
+        if not _damc_routed(plan, j.name):
+            continue
+        out_f, in_f = j.shape
+        if _damc_dense(plan, j.name):
+            entries += [Entry(L.damc_key(m, j.name), j.shape, j.out_dtype) for m in plan.modalities]
+            continue
+        rank = sum(d.text[j.name].rank for d in plan.decoupled if j.name in d.text)
+        if rank:
+            entries += [Entry(L.damc_key(L.TEXT_ROUTE, j.name, "A"), (rank, in_f), j.out_dtype),
+                        Entry(L.damc_key(L.TEXT_ROUTE, j.name, "B"), (out_f, rank), j.out_dtype)]
+        for m, d in zip(plan.modalities, plan.decoupled):
+            if j.name in d.modality:
+                r = d.modality[j.name].rank
+                entries += [Entry(L.damc_key(m, j.name, "A"), (r, in_f), j.out_dtype),
+                            Entry(L.damc_key(m, j.name, "B"), (out_f, r), j.out_dtype)]
+    return entries
+
+
+def _write_damc_routes(plan: CompositePlan, job: TensorJob, lambdas, writer) -> None:
+    """Route m = merged - sum_i lambda_i dT_i + dM_m: its factors, or (dense) the dense delta."""
+    dt = job.out_dtype
+    texts = [(lam, d.text[job.name]) for lam, d in zip(lambdas, plan.decoupled) if job.name in d.text]
+    if _damc_dense(plan, job.name):
+        text = sum((lam * lr.dense() for lam, lr in texts), torch.zeros(job.shape))
+        for m, d in zip(plan.modalities, plan.decoupled):
+            mod = d.modality[job.name].dense() if job.name in d.modality else 0.0
+            writer.write(L.damc_key(m, job.name), (mod - text).to(dt))
+        return
+    if texts:
+        writer.write(L.damc_key(L.TEXT_ROUTE, job.name, "A"), torch.cat([lr.A.float() for _, lr in texts]).to(dt))
+        writer.write(L.damc_key(L.TEXT_ROUTE, job.name, "B"),
+                     torch.cat([lr.B.float() * (lam * lr.scale) for lam, lr in texts], dim=1).to(dt))
+    for m, d in zip(plan.modalities, plan.decoupled):
+        if job.name in d.modality:
+            lr = d.modality[job.name]
+            writer.write(L.damc_key(m, job.name, "A"), lr.A.to(dt))
+            writer.write(L.damc_key(m, job.name, "B"), (lr.B.float() * lr.scale).to(dt))
+
+
 def _write_modality(plan: CompositePlan, i: int, out: str) -> None:
     src = plan.sources[i]
     names = [n for _, ns in sorted(src.parts.items()) for n in ns]
+    override = plan.connector_overrides[i] if plan.connector_overrides else {}
     writer = PlannedShardWriter(out, [Entry(n, src.shapes[n][0], src.shapes[n][1]) for n in names],
                                 plan.options.out_shard_size)
     for name in names:
-        writer.write(name, src.get(name, llm=False))
+        writer.write(name, override[name].to(src.shapes[name][1]) if name in override else src.get(name, llm=False))
     src.loader.flush()
     writer.close()
+    dec = plan.decoupled[i] if plan.damc else None
+    if dec is not None and (dec.prefix is not None or dec.suffix is not None):
+        from safetensors.torch import save_file
+
+        tokens = {k: t.contiguous() for k, t in (("prefix", dec.prefix), ("suffix", dec.suffix)) if t is not None}
+        save_file(tokens, os.path.join(out, L.PREFIX_SUFFIX_FILE))
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(src.config, f, indent=2)
     for name in L.PROCESSOR_FILES:
@@ -232,9 +307,17 @@ def _write_composite_config(plan: CompositePlan, out: str) -> None:
             "placeholder": ph.token if ph else None,
             "placeholder_id": ph.id if ph else None,
             "parts": {p: len(src.parts.get(p, [])) for p in (ENCODER, CONNECTOR, OTHER)},
-            "route": "mmer" if plan.routed else "merged",
+            "route": "mmer" if plan.routed else "damc" if plan.damc else "merged",
             "parameters": plan.config.model_dump(mode="json")["models"][i].get("parameters") or {},
         }
+        if plan.damc:
+            dec = plan.decoupled[i]
+            modalities[m]["adapters"] = {"source": plan.config.models[i].adapters, "form": dec.form,
+                                         "name": dec.adapter}
+            if dec.encoders:  # what a ModelCompose release says it was trained with
+                modalities[m]["adapters"]["encoders"] = dec.encoders
+            if dec.prefix is not None or dec.suffix is not None:
+                modalities[m]["prefix_suffix"] = f"{L.MODALITIES_DIR}/{m}/{L.PREFIX_SUFFIX_FILE}"
     doc = {
         "format_version": L.FORMAT_VERSION,
         "merge_method": plan.method.name,
@@ -257,6 +340,16 @@ def _write_composite_config(plan: CompositePlan, out: str) -> None:
             "masks": L.MASKS_BASENAME,
             "formula": "route_m[t] = merged[t] + (scale_m[t] * unpack(mask_m[t]) - alpha[t]) * task_vector[t]",
             "mask_bit_order": "little",
+        }
+    if plan.damc:
+        dense = bool(plan.global_params.get("densify", False))
+        doc["routes"] = {
+            "kind": "damc",
+            "dir": L.ROUTES_DIR,
+            "damc": L.DAMC_BASENAME,
+            "low_rank": not dense,
+            "formula": ("route_m[t] = merged[t] + delta_m[t]" if dense else
+                        "route_m[t] = merged[t] - text[t]:B @ text[t]:A + m[t]:B @ m[t]:A"),
         }
     with open(os.path.join(out, L.COMPOSITE_CONFIG), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)

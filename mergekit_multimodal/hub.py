@@ -123,8 +123,12 @@ def _check_composite(root: Path, cfg_path: Path) -> None:
     routes = cfg.get("routes")
     if routes:
         rdir = root / routes.get("dir", L.ROUTES_DIR)
+        kind = routes.get("kind", "mmer")
         if not rdir.is_dir():
-            raise CompositionError(f"{rdir}: MMER routes named in {L.COMPOSITE_CONFIG} are missing")
+            raise CompositionError(f"{rdir}: {kind.upper()} routes named in {L.COMPOSITE_CONFIG} are missing")
+        if kind == "damc":
+            _check_weights(rdir, routes.get("damc", L.DAMC_BASENAME), "the DAMC routes")
+            return
         for key, default in (("task_vector", L.TASK_VECTOR_BASENAME), ("masks", L.MASKS_BASENAME)):
             _check_weights(rdir, routes.get(key, default), f"the MMER {key.replace('_', ' ')}")
 

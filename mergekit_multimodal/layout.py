@@ -11,6 +11,10 @@ OUT/
                                                   and "<tensor>:alpha" -> float32 scalar
   routes/masks*.safetensors                       MMER: "<modality>/<tensor>" -> uint8, 1 bit per parameter
                                                   and "<modality>/<tensor>:scale" -> float32 scalar
+  routes/damc*.safetensors                        DAMC: "text/<tensor>:A|B" (lambda-scaled text factors),
+                                                  "<modality>/<tensor>:A|B" (modality factors), or with
+                                                  densify "<modality>/<tensor>" (dense route delta)
+  modalities/<name>/prefix_suffix.safetensors     DAMC: "prefix", "suffix" [n, hidden] embeddings
   mergekit_config.yml, README.md                  the YAML used, the model card
 """
 
@@ -20,6 +24,9 @@ MODALITIES_DIR = "modalities"
 ROUTES_DIR = "routes"
 TASK_VECTOR_BASENAME = "task_vector"
 MASKS_BASENAME = "masks"
+DAMC_BASENAME = "damc"
+PREFIX_SUFFIX_FILE = "prefix_suffix.safetensors"
+TEXT_ROUTE = "text"
 
 #: processor/feature-extractor files carried with each modality (tokenizers are not: the
 #: composite tokenizer replaces them)
@@ -44,3 +51,8 @@ def scale_key(modality: str, tensor: str) -> str:
 
 def alpha_key(tensor: str) -> str:
     return f"{tensor}:alpha"
+
+
+def damc_key(route: str, tensor: str, factor: str = "") -> str:
+    """DAMC route tensors: `<route>/<tensor>:A`, `:B` (low-rank) or `<route>/<tensor>` (dense)."""
+    return f"{route}/{tensor}:{factor}" if factor else f"{route}/{tensor}"

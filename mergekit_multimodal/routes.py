@@ -1,5 +1,6 @@
 """Rebuild a modality's LLM weights (its route) from a composite on disk, one tensor at a time.
 
+For DAMC: route_m[t] = merged[t] - sum_i lambda_i dT_i[t] + dM_m[t] (low-rank factors or dense).
 For MMER: route_m[t] = merged[t] + (scale_m[t] * mask_m[t] - alpha[t]) * task_vector[t],
 which is theta_base + scale_m * mask_m * tau_* (docs/methods.md). For other methods every
 modality's route is the merged LLM. The companion loader builds on this.
@@ -62,6 +63,9 @@ def iter_route(path: str, modality: str, dtype: torch.dtype = torch.float32) -> 
         raise CompositionError(f"{path}: no modality {modality!r}; it has {', '.join(cfg['modalities'])}")
     merged = _loader(path, "model")
     routes = cfg.get("routes")
+    if routes and routes.get("kind") == "damc":
+        yield from _iter_damc_route(path, routes, modality, merged, dtype)
+        return
     if routes:
         rdir = os.path.join(path, routes["dir"])
         tv, masks = _loader(rdir, routes["task_vector"]), _loader(rdir, routes["masks"])
@@ -73,4 +77,21 @@ def iter_route(path: str, modality: str, dtype: torch.dtype = torch.float32) -> 
             mask = unpack_mask(masks.get_tensor(L.mask_key(modality, name)), w.shape)
             scale = masks.get_tensor(L.scale_key(modality, name)).item()
             w = w + (scale * mask.to(dtype) - alpha) * tau
+        yield name, w
+
+
+def _iter_damc_route(path, routes, modality, merged, dtype):
+    """DAMC: merged + delta_m (densified), or merged - text:B @ text:A + m:B @ m:A (low-rank)."""
+    rdir = os.path.join(path, routes["dir"])
+    ld = _loader(rdir, routes["damc"])
+    have = set(ld.index.tensor_paths)
+    for name in merged.index.tensor_paths:
+        w = merged.get_tensor(name).to(dtype)
+        if L.damc_key(modality, name) in have:
+            w = w + ld.get_tensor(L.damc_key(modality, name)).to(dtype)
+        for route, sign in ((L.TEXT_ROUTE, -1.0), (modality, 1.0)):
+            if L.damc_key(route, name, "A") in have:
+                a = ld.get_tensor(L.damc_key(route, name, "A")).to(dtype)
+                b = ld.get_tensor(L.damc_key(route, name, "B")).to(dtype)
+                w = w + sign * (b @ a)
         yield name, w

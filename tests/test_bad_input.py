@@ -133,8 +133,8 @@ def test_unknown_key_and_bad_value_name_the_key(family, tmp_path):
     assert_fails_cleanly(cfg, tmp_path, "merge_method", "no_such_method")
 
 
-def test_damc_says_not_yet(family, tmp_path):
-    assert_fails_cleanly(composite_config(family, "damc", KINDS), tmp_path, "damc", "not yet")
+def test_damc_without_adapters_fails_cleanly(family, tmp_path):
+    assert_fails_cleanly(composite_config(family, "damc", KINDS), tmp_path, "damc", "adapters")
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(family, tmp_path):

@@ -98,3 +98,21 @@ def test_run_merge_naive_mc_is_the_mean(family, text_llms, tmp_path):
     out, srcs = read_dir(tmp_path / "o"), [read_dir(p) for p in text_llms]
     name = "model.layers.1.mlp.up_proj.weight"
     np.testing.assert_allclose(f64(out[name]), reference.naive_mc([f64(s[name]) for s in srcs]), rtol=1e-6)
+
+
+def test_run_merge_damc_on_full_checkpoints_is_lambda_weighted_task_arithmetic(family, text_llms, tmp_path):
+    """On plain full checkpoints damc reads dT_i = theta_i - W0; an unset lambda is 1/N."""
+    import mergekit_multimodal  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    models = [{"model": str(p)} for p in text_llms]
+    models[0]["parameters"] = {"lambda": 0.3}
+    cfg = MergeConfiguration.model_validate({"merge_method": "damc", "base_model": str(family.base),
+                                             "dtype": "float32", "models": models})
+    run_merge(cfg, str(tmp_path / "o"), MergeOptions(quiet=True, copy_tokenizer=False))
+    out, base, srcs = read_dir(tmp_path / "o"), read_dir(family.base), [read_dir(p) for p in text_llms]
+    name = "model.layers.1.mlp.up_proj.weight"
+    lams = [0.3] + [1.0 / len(srcs)] * (len(srcs) - 1)
+    want = f64(base[name]) + sum(lam * (f64(s[name]) - f64(base[name])) for lam, s in zip(lams, srcs))
+    np.testing.assert_allclose(f64(out[name]), want, rtol=1e-6, atol=1e-6)

@@ -29,6 +29,12 @@ def get_method(name: str) -> CompositeMethod:
     return _OWN[name] if name in _OWN else MergekitMethod(name)
 
 
+def _value_type(p):
+    """mergekit validates values with this type; a None default (damc's lambda: 1/N) must pass."""
+    vt = p.validate if p.validate in (bool, float, int, str) else str
+    return Optional[vt] if p.default is None else vt
+
+
 class _RegisteredComposite(GroupMergeMethod):
     """One of our methods as a mergekit method: for a plain LLM merge it computes the text route."""
 
@@ -42,7 +48,7 @@ class _RegisteredComposite(GroupMergeMethod):
             parameters=tuple(
                 ParameterSpec(
                     p.name,
-                    p.validate if p.validate in (bool, float, int, str) else str,
+                    _value_type(p),
                     ParameterScope.NON_BASE if p.per_source else ParameterScope.SHARED,
                     default=p.default,
                 )

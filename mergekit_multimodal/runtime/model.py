@@ -21,7 +21,7 @@ from mergekit_multimodal import layout as L
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.routes import _loader, read_composite_config
 from mergekit_multimodal.runtime.encoders import ModalityEncoder
-from mergekit_multimodal.runtime.routing import RouteDelta, RouteState, install_routes
+from mergekit_multimodal.runtime.routing import DenseDelta, LowRankDelta, RouteDelta, RouteState, install_routes
 
 Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor outputs for its items
 
@@ -36,6 +36,8 @@ class CompositeModel(nn.Module):
         self.route_of = {m: i + 1 for i, m in enumerate(self.modalities)} if config.get("routes") else {}
         self.embed_delta: Optional[RouteDelta] = None  # resident only for a tied head, else read by route()
         self._embed_name = ""
+        #: DAMC: learned embeddings placed before / after each item's features, on its modality's route
+        self.affixes: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -86,6 +88,9 @@ class CompositeModel(nn.Module):
         state.keep = frozenset(model.route_of[m] for m in resident_routes)
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
         model._embed_name = embed_name
+        for m, info in cfg["modalities"].items():
+            if info.get("prefix_suffix"):
+                model.affixes[m] = _read_affixes(os.path.join(path, info["prefix_suffix"]), llm.dtype, device)
         return model
 
     @property
@@ -149,6 +154,8 @@ class CompositeModel(nn.Module):
                     pieces.append(embed(ids[start:pos].to(self.device)))
                     route.append(torch.zeros(pos - start, dtype=torch.long))
                 f = feats[m][cursor[m]].to(self.device, self.dtype)
+                if m in self.affixes:  # DAMC: prefix + features + suffix, all on the modality's route
+                    f = torch.cat([t for t in (self.affixes[m][0], f, self.affixes[m][1]) if t is not None])
                 cursor[m] += 1
                 pieces.append(f)
                 route.append(torch.full((f.shape[0],), self.route_of.get(m, 0), dtype=torch.long))
@@ -215,6 +222,8 @@ def _embedding_param_name(llm: nn.Module) -> str:
 def _read_route_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.dtype,
                        skip: Sequence[str] = (), only: Optional[Sequence[str]] = None) -> Dict[str, RouteDelta]:
     """One RouteDelta per routed LLM tensor: tau_* in the model's dtype, masks kept packed."""
+    if cfg["routes"].get("kind") == "damc":
+        return _read_damc_deltas(path, cfg, modalities, dtype, skip, only)
     rdir = os.path.join(path, cfg["routes"]["dir"])
     tv, masks = _loader(rdir, cfg["routes"]["task_vector"]), _loader(rdir, cfg["routes"]["masks"])
     deltas = {}
@@ -231,3 +240,45 @@ def _read_route_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch
         except KeyError as exc:
             raise CompositionError(f"{rdir}: route data for {name!r} is incomplete (missing {exc})") from None
     return deltas
+
+
+def _read_damc_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.dtype,
+                      skip: Sequence[str] = (), only: Optional[Sequence[str]] = None):
+    """DAMC routes (docs/format.md): LoRA factors per route (`LowRankDelta`) or dense deltas (`DenseDelta`).
+    Route ids follow the order of `modalities` in composite_config.json."""
+    rdir = os.path.join(path, cfg["routes"]["dir"])
+    ld = _loader(rdir, cfg["routes"]["damc"])
+    route_of = {m: i + 1 for i, m in enumerate(cfg["modalities"])}
+    grouped: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}  # tensor -> route -> factor -> tensor
+    for key in ld.index.tensor_paths:
+        route, _, rest = key.partition("/")
+        tensor, _, factor = rest.partition(":")
+        if tensor in skip or (only is not None and tensor not in only):
+            continue
+        if route != L.TEXT_ROUTE and route not in route_of:
+            raise CompositionError(f"{rdir}: route tensor {key!r} names no modality of the composite")
+        if route != L.TEXT_ROUTE and route not in modalities:
+            continue
+        grouped.setdefault(tensor, {}).setdefault(route, {})[factor or "dense"] = ld.get_tensor(key).to(dtype)
+    deltas = {}
+    for tensor, routes in grouped.items():
+        try:
+            if any("dense" in d for d in routes.values()):  # densify, or a dense source delta
+                deltas[tensor] = DenseDelta({route_of[m]: d["dense"] for m, d in routes.items()})
+                continue
+            text = routes.pop(L.TEXT_ROUTE, None)
+            deltas[tensor] = LowRankDelta(None if text is None else (text["A"], text["B"]),
+                                          {route_of[m]: (d["A"], d["B"]) for m, d in routes.items()})
+        except KeyError as exc:
+            raise CompositionError(f"{rdir}: route data for {tensor!r} is incomplete (missing {exc})") from None
+    return deltas
+
+
+def _read_affixes(file: str, dtype: torch.dtype, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(file)
+    except Exception as exc:
+        raise CompositionError(f"{file}: unreadable ({type(exc).__name__}: {exc})") from None
+    return tuple(t[k].to(device, dtype) if k in t else None for k in ("prefix", "suffix"))

@@ -1,0 +1,161 @@
+"""Fine-tune an LLM with decoupled parameters (DAMC sources), and save them in the documented form.
+
+Every targeted linear layer gets two LoRA adapters, `text` and `<modality>`; a token-type mask
+sends the modality tokens (learned prefix + projected features + learned suffix) through the
+modality adapter and every other token through the text adapter, while attention runs jointly
+over all tokens. Tokens generated later take the text path (the composite's loader does so).
+A plain torch loop: readable, CPU-fast on tiny models, no Trainer needed.
+
+Typical use (a tiny LLaVA of the model zoo)::
+
+    llm = AutoModelForCausalLM.from_pretrained(base_dir)            # W0, the shared base
+    batches = [{"prompt_ids": ids1, "features": feats, "target_ids": ids2}, ...]
+    trained = train_decoupled(llm, batches, modality="image", rank=8, steps=20)
+    save_decoupled(trained, "damc-image")   # then YAML: adapters: damc-image (docs/damc.md)
+
+`features` are the frozen encoder + connector's outputs ([n_features, hidden], e.g. LLaVA's
+`model.get_image_features(...)`); the connector is not trained here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mergekit_multimodal.decoupled import PREFIX_SUFFIX_FILE, TEXT_ADAPTER
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _Mask:
+    """Shared token-type mask: True where a token is a modality token (set per forward)."""
+
+    value: torch.Tensor = None
+
+
+class DecoupledLoRALinear(nn.Module):
+    """y = W0 x + s * B_t A_t x on text tokens, W0 x + s * B_m A_m x on modality tokens."""
+
+    def __init__(self, linear: nn.Linear, rank: int, scale: float, mask: _Mask):
+        super().__init__()
+        self.linear, self.scale, self.mask = linear, scale, mask
+        f_in, f_out = linear.in_features, linear.out_features
+        # PEFT's init: A random (kaiming-uniform), B zero, so training starts exactly at W0
+        self.A = nn.ParameterList([nn.Parameter(torch.empty(rank, f_in)) for _ in range(2)])
+        self.B = nn.ParameterList([nn.Parameter(torch.zeros(f_out, rank)) for _ in range(2)])
+        for a in self.A:
+            nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+
+    def forward(self, x):
+        y = self.linear(x)
+        t = (x @ self.A[0].T) @ self.B[0].T
+        m = (x @ self.A[1].T) @ self.B[1].T
+        mask = self.mask.value
+        if mask is None or mask.shape != x.shape[:-1]:  # decoding: text path
+            return y + self.scale * t
+        return y + self.scale * torch.where(mask.unsqueeze(-1), m, t)
+
+
+@dataclass
+class DecoupledModel:
+    llm: nn.Module
+    modality: str
+    rank: int
+    alpha: float
+    prefix: nn.Parameter
+    suffix: nn.Parameter
+    layers: Dict[str, DecoupledLoRALinear] = field(default_factory=dict)  # module name -> wrapper
+    losses: List[float] = field(default_factory=list)
+
+
+def _wrap(llm: nn.Module, targets: Sequence[str], rank: int, scale: float, mask: _Mask) -> Dict[str, DecoupledLoRALinear]:
+    layers = {}
+    for name, module in list(llm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name in targets:
+                wrapped = DecoupledLoRALinear(child, rank, scale, mask)
+                setattr(module, child_name, wrapped)
+                layers[f"{name}.{child_name}" if name else child_name] = wrapped
+    if not layers:
+        raise ValueError(f"no linear layer named one of {list(targets)} in the model")
+    return layers
+
+
+def _sequence(llm, prefix, suffix, batch: Mapping[str, torch.Tensor]):
+    emb = llm.get_input_embeddings()
+    prompt, target = batch["prompt_ids"].reshape(-1), batch["target_ids"].reshape(-1)
+    feats = batch["features"].reshape(-1, prefix.shape[-1]).to(prefix.dtype)
+    parts = [emb(prompt), prefix, feats, suffix, emb(target)]
+    n_mod = prefix.shape[0] + feats.shape[0] + suffix.shape[0]
+    mask = torch.zeros(sum(p.shape[0] for p in parts), dtype=torch.bool)
+    mask[len(prompt):len(prompt) + n_mod] = True
+    labels = torch.full((mask.shape[0],), -100, dtype=torch.long)
+    labels[-len(target):] = target
+    return torch.cat(parts).unsqueeze(0), mask.unsqueeze(0), labels.unsqueeze(0)
+
+
+def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, modality: str,
+                    rank: int = 8, alpha: float = 16.0, steps: int = 20, lr: float = 1e-3,
+                    n_prefix: int = 5, n_suffix: int = 5, target_modules: Sequence[str] = DEFAULT_TARGETS,
+                    seed: int = 0) -> DecoupledModel:
+    """Train text + modality LoRA adapters and prefix/suffix embeddings on a frozen causal LM (W0).
+
+    llm: a transformers causal LM holding the shared base weights (modified in place: its targeted
+        linears are wrapped). batches: dicts of `prompt_ids` [T1] (text before the item),
+        `features` [F, hidden] (the item's projected features) and `target_ids` [T2] (text after
+        it, the loss target); cycled for `steps` optimizer steps (Adam, one sequence per step).
+    Returns a `DecoupledModel` for `save_decoupled`. Loss values are in `.losses`.
+    """
+    torch.manual_seed(seed)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("train_decoupled needs at least one batch")
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    mask = _Mask()
+    layers = _wrap(llm, target_modules, rank, alpha / rank, mask)
+    hidden = llm.get_input_embeddings().weight.shape[-1]
+    dtype = llm.get_input_embeddings().weight.dtype
+    prefix = nn.Parameter(0.02 * torch.randn(n_prefix, hidden, dtype=dtype))
+    suffix = nn.Parameter(0.02 * torch.randn(n_suffix, hidden, dtype=dtype))
+    params = [prefix, suffix] + [p for wrap in layers.values() for p in (*wrap.A, *wrap.B)]
+    opt = torch.optim.Adam(params, lr=lr)
+    out = DecoupledModel(llm, modality, rank, alpha, prefix, suffix, layers)
+    llm.train()
+    for step in range(steps):
+        embeds, mask.value, labels = _sequence(llm, prefix, suffix, batches[step % len(batches)])
+        loss = llm(inputs_embeds=embeds, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.losses.append(loss.detach().item())
+    mask.value = None
+    llm.eval()
+    return out
+
+
+def save_decoupled(trained: DecoupledModel, out_dir: str) -> str:
+    """Write the PEFT two-adapter form read by `merge_method: damc` (docs/damc.md):
+    `out_dir/text/`, `out_dir/<modality>/` (adapter_config.json + adapter_model.safetensors) and
+    `out_dir/prefix_suffix.safetensors`."""
+    from peft import LoraConfig
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name in trained.layers})
+    for i, adapter in enumerate((TEXT_ADAPTER, trained.modality)):
+        d = os.path.join(out_dir, adapter)
+        os.makedirs(d, exist_ok=True)
+        LoraConfig(r=trained.rank, lora_alpha=trained.alpha, target_modules=targets).save_pretrained(d)
+        tensors = {}
+        for name, wrap in trained.layers.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = wrap.A[i].detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = wrap.B[i].detach().contiguous()
+        save_file(tensors, os.path.join(d, "adapter_model.safetensors"))
+    save_file({f"prefix_tokens.{trained.modality}": trained.prefix.detach().contiguous(),
+               f"suffix_tokens.{trained.modality}": trained.suffix.detach().contiguous()},
+              os.path.join(out_dir, PREFIX_SUFFIX_FILE))
+    return out_dir

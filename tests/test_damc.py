@@ -1,0 +1,327 @@
+"""DAMC: decoupled-source readers, the damc formula (numpy reference), low-rank and dense routes at runtime."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mergekit_multimodal import CompositionError, compose
+from mergekit_multimodal.damc_train import save_decoupled, train_decoupled
+from mergekit_multimodal.decoupled import safe_torch_load
+from mergekit_multimodal.hub import validate_for_push
+from mergekit_multimodal.routes import iter_route
+from mergekit_multimodal.runtime import CompositeModel
+from tests.conftest import read_dir, read_json
+from tests.test_runtime import media_for
+
+V0 = 96
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def _peft_source(family, out, modality, seed, steps=6):
+    """A decoupled source trained for a few steps on the base (W0) with the training helper."""
+    llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
+    g = torch.Generator().manual_seed(seed)
+    hidden = llm.config.hidden_size
+    if modality == "image":  # the tiny LLaVA's own encoder + connector give the features
+        mllm = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"]).eval()
+        cfg = mllm.config
+        with torch.no_grad():
+            feats = mllm.model.get_image_features(
+                pixel_values=media_for("llava", seed)["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output[0]
+    else:
+        feats = torch.randn(4, hidden, generator=g)
+    batches = [{"prompt_ids": torch.randint(3, V0, (4,), generator=g), "features": feats,
+                "target_ids": torch.randint(3, V0, (5,), generator=g)}]
+    trained = train_decoupled(llm, batches, modality=modality, rank=4, alpha=8, steps=steps, lr=5e-2,
+                              target_modules=TARGETS, seed=seed)
+    assert trained.losses[-1] < trained.losses[0]
+    return save_decoupled(trained, str(out))
+
+
+@pytest.fixture(scope="module")
+def sources(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damc")
+    return {"image": _peft_source(family, root / "image", "image", 1),
+            "audio": _peft_source(family, root / "audio", "audio", 2)}
+
+
+def _cfg(family, sources, lambdas=(0.3, 0.7), **params):
+    models = [{"model": str(family.sources["llava"]), "modality": "image", "adapters": sources["image"]},
+              {"model": str(family.sources["qwen2_audio"]), "modality": "audio", "adapters": sources["audio"]}]
+    for m, lam in zip(models, lambdas):
+        if lam is not None:
+            m["parameters"] = {"lambda": lam}
+    cfg = {"merge_method": "damc", "base_model": str(family.base), "models": models}
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+def _factors(adapter_dir):
+    """Independent read of a PEFT adapter: {causal-LM tensor: (A, B)} and its alpha / r."""
+    cfg = read_json(f"{adapter_dir}/adapter_config.json")
+    t = read_dir(adapter_dir)
+    out = {}
+    for k, v in t.items():
+        name = k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+        out.setdefault(name, {})["A" if ".lora_A." in k else "B"] = v.double().numpy()
+    return out, cfg["lora_alpha"] / cfg["r"]
+
+
+def _delta(f, s, name):
+    return s * f[name]["B"] @ f[name]["A"]
+
+
+def test_damc_formula_matches_numpy_reference(family, sources, tmp_path):
+    out = compose(_cfg(family, sources), str(tmp_path / "c"))
+    merged = read_dir(out)
+    base = {k: v.double().numpy() for k, v in read_dir(family.base).items()}
+    (ti, si), (ta, sa) = _factors(f"{sources['image']}/text"), _factors(f"{sources['audio']}/text")
+    (mi, smi) = _factors(f"{sources['image']}/image")
+    routes = read_dir(f"{out}/routes")
+    n = 0
+    for name, w0 in base.items():
+        got = merged[name].double().numpy()
+        if name not in ti:
+            np.testing.assert_allclose(got[:V0] if got.shape != w0.shape else got, w0, atol=1e-6)
+            continue
+        want = w0 + 0.3 * _delta(ti, si, name) + 0.7 * _delta(ta, sa, name)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        # image route rebuilt from the low-rank factors = W0 + dM_image
+        r = got - routes[f"text/{name}:B"].double().numpy() @ routes[f"text/{name}:A"].double().numpy() \
+            + routes[f"image/{name}:B"].double().numpy() @ routes[f"image/{name}:A"].double().numpy()
+        np.testing.assert_allclose(r, w0 + _delta(mi, smi, name), atol=1e-5)
+        n += 1
+    assert n == 2 * len(TARGETS)
+    for name, w in iter_route(out, "image", torch.float64):  # the documented rebuild, streamed
+        want = base[name] + _delta(mi, smi, name) if name in mi else None
+        if want is not None:
+            np.testing.assert_allclose(w.numpy(), want, atol=1e-5)
+    assert "routes/damc.safetensors" in validate_for_push(out)
+    cc = read_json(f"{out}/composite_config.json")
+    assert cc["routes"]["kind"] == "damc" and cc["routes"]["low_rank"]
+    assert cc["modalities"]["image"]["prefix_suffix"] == "modalities/image/prefix_suffix.safetensors"
+
+
+def test_default_lambda_is_one_over_n(family, sources, tmp_path):
+    out = compose(_cfg(family, sources, lambdas=(None, None)), str(tmp_path / "c"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w0 = read_dir(family.base)[name].double().numpy()
+    (ti, si), (ta, sa) = _factors(f"{sources['image']}/text"), _factors(f"{sources['audio']}/text")
+    np.testing.assert_allclose(read_dir(out)[name].double().numpy(),
+                               w0 + 0.5 * _delta(ti, si, name) + 0.5 * _delta(ta, sa, name), atol=1e-5)
+
+
+class _Reference:
+    """Independent per-token forward: the base LM with each targeted linear computing
+    W0 x + where(token is modality m, dM_m x, sum_i lambda_i dT_i x), in plain torch."""
+
+    def __init__(self, family, text_deltas, mod_deltas):
+        self.llm = transformers.AutoModelForCausalLM.from_pretrained(family.base).double().eval()
+        self.route_ids = None
+        for name, module in self.llm.named_modules():
+            key = f"{name}.weight"
+            if isinstance(module, torch.nn.Linear) and key in text_deltas:
+                module.forward = self._forward(module, text_deltas[key], {r: d[key] for r, d in mod_deltas.items()})
+
+    def _forward(self, lin, dt, dms):
+        def fwd(x):
+            y = x @ lin.weight.T + x @ torch.as_tensor(dt).T
+            if self.route_ids is not None and self.route_ids.shape == x.shape[:-1]:
+                for r, dm in dms.items():
+                    y = torch.where((self.route_ids == r).unsqueeze(-1), x @ lin.weight.T + x @ torch.as_tensor(dm).T, y)
+            return y
+        return fwd
+
+    def logits(self, embeds, mask, route_ids):
+        self.route_ids = route_ids
+        with torch.no_grad():
+            return self.llm(inputs_embeds=embeds.double(), attention_mask=mask).logits[..., :V0]
+
+
+def _deltas(sources, lambdas=(0.3, 0.7)):
+    text, mods = {}, {}
+    for (m, d), lam in zip(sources.items(), lambdas):
+        f, s = _factors(f"{d}/text")
+        for name in f:
+            text[name] = text.get(name, 0) + lam * _delta(f, s, name)
+        fm, sm = _factors(f"{d}/{m}")
+        mods[m] = {name: _delta(fm, sm, name) for name in fm}
+    return text, mods
+
+
+def _run(model, out, text, media=None):
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok(text, return_tensors="pt").input_ids
+    embeds, mask, route_ids = model.prepare_inputs(ids, None, media)
+    with torch.no_grad():
+        logits = model(ids, media=media).logits[..., :V0]
+    return logits, embeds, mask, route_ids
+
+
+@pytest.mark.parametrize("densify", [False, True])
+def test_runtime_routes_match_independent_computation(family, sources, tmp_path, densify):
+    out = compose(_cfg(family, sources, densify=densify), str(tmp_path / "c"))
+    model = CompositeModel.from_pretrained(out)
+    text, mods = _deltas(sources)
+    ref = _Reference(family, text, {1: mods["image"], 2: mods["audio"]})
+    # text only: the merged LLM (W0 + sum lambda_i dT_i)
+    got, embeds, mask, rids = _run(model, out, "w1 w2 w3")
+    torch.testing.assert_close(got.double(), ref.logits(embeds, mask, rids), rtol=1e-4, atol=1e-4)
+    # an image prompt: prefix + features + suffix on the image route, the rest on the text route
+    got, embeds, mask, rids = _run(model, out, "w1 w2 <image> w3 w4", {"image": media_for("llava")})
+    assert (rids == 1).sum() == 5 + 4 + 5 and (rids == 2).sum() == 0
+    prefix = read_dir(f"{out}/modalities/image")  # placed right after the two text tokens
+    ps = {k: v for k, v in read_dir(f"{sources['image']}").items()}
+    first = int((rids[0] == 1).nonzero()[0])
+    torch.testing.assert_close(embeds[0, first:first + 5], ps["prefix_tokens.image"])
+    torch.testing.assert_close(embeds[0, first + 9:first + 14], ps["suffix_tokens.image"])
+    assert "multi_modal_projector.linear_1.weight" in prefix
+    want = ref.logits(embeds, mask, rids)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    new = model.generate(tok("w1 w2 <image> w3", return_tensors="pt").input_ids, media={"image": media_for("llava")},
+                         max_new_tokens=3, do_sample=False)
+    assert new.shape[-1] == 3  # decode steps run on the text route
+    with model.route("image"):  # whole-input route: W0 + dM_image everywhere
+        got, embeds, mask, rids = _run(model, out, "w1 w2")
+    torch.testing.assert_close(got.double(), ref.logits(embeds, mask, torch.ones_like(rids)), rtol=1e-4, atol=1e-4)
+
+
+def test_low_rank_and_densified_composites_agree(family, sources, tmp_path):
+    outs = [compose(_cfg(family, sources, densify=d), str(tmp_path / f"c{d}")) for d in (False, True)]
+    logits = []
+    for out in outs:
+        model = CompositeModel.from_pretrained(out)
+        logits.append(_run(model, out, "w1 <|AUDIO|> w2 <image> w3",
+                           {"image": media_for("llava"), "audio": media_for("qwen2_audio")})[0])
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_peft_checkpoint_with_two_named_adapters(family, tmp_path):
+    """What PEFT itself saves for a LLaVA holding adapters `text` (r=4) and `image` (r=2)."""
+    peft = pytest.importorskip("peft")
+    m = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"])
+    target = r".*language_model.*\.(q_proj|v_proj)"
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False),
+                             adapter_name="text")
+    pm.add_adapter("image", peft.LoraConfig(r=2, lora_alpha=8, target_modules=target, init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    cfg = {"merge_method": "damc", "base_model": str(family.base), "models": [
+        {"model": str(family.sources["llava"]), "modality": "image", "adapters": str(tmp_path / "ad")}]}
+    out = compose(cfg, str(tmp_path / "c"))
+    text, s = _factors(str(tmp_path / "ad" / "text"))
+    mod, sm = _factors(str(tmp_path / "ad" / "image"))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    key = "model.language_model.layers.1.self_attn.v_proj.weight"
+    w0 = read_dir(family.base)[name].double().numpy()
+    np.testing.assert_allclose(read_dir(out)[name].double().numpy(), w0 + _delta(text, s, key), atol=1e-5)
+    route = dict(iter_route(out, "image", torch.float64))[name].numpy()
+    np.testing.assert_allclose(route, w0 + _delta(mod, sm, key), atol=1e-5)
+    assert sm == 4.0 and s == 2.0
+
+
+def test_dense_source_deltas_compose_like_their_lora_form(family, sources, tmp_path):
+    """A source may bring dense deltas (`delta.safetensors` per adapter dir); those tensors get dense routes."""
+    from safetensors.torch import save_file
+
+    dense = tmp_path / "audio_dense"
+    for adapter in ("text", "audio"):
+        f, s = _factors(f"{sources['audio']}/{adapter}")
+        (dense / adapter).mkdir(parents=True)
+        save_file({n: torch.as_tensor(_delta(f, s, n)).float() for n in f}, str(dense / adapter / "delta.safetensors"))
+    save_file(read_dir(sources["audio"]), str(dense / "prefix_suffix.safetensors"))
+    outs = [compose(_cfg(family, {"image": sources["image"], "audio": a}), str(tmp_path / f"c{i}"))
+            for i, a in enumerate((sources["audio"], str(dense)))]
+    keys = read_dir(f"{outs[1]}/routes")
+    assert "image/model.layers.0.self_attn.q_proj.weight" in keys and "text/model.layers.0.self_attn.q_proj.weight:A" not in keys
+    logits = []
+    for out in outs:
+        model = CompositeModel.from_pretrained(out)
+        logits.append(_run(model, out, "w1 <|AUDIO|> w2 <image> w3",
+                           {"image": media_for("llava"), "audio": media_for("qwen2_audio")})[0])
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+# -- ModelCompose release layout -------------------------------------------------------------------
+
+def _modelcompose(family, d, seed=3, r=4, alpha=8):
+    """A ModelCompose-style release written with the documented key names (torch pickle)."""
+    g = torch.Generator().manual_seed(seed)
+    base = read_dir(family.base)
+    llava = read_dir(family.sources["llava"])
+    sd = {}
+    for i in range(2):
+        for mod in ("self_attn.q_proj", "mlp.up_proj"):
+            out_f, in_f = base[f"model.layers.{i}.{mod}.weight"].shape
+            for adapter in ("default", "vision"):
+                sd[f"model.layers.{i}.{mod}.lora_A.{adapter}.weight"] = 0.2 * torch.randn(r, in_f, generator=g)
+                sd[f"model.layers.{i}.{mod}.lora_B.{adapter}.weight"] = 0.2 * torch.randn(out_f, r, generator=g)
+    for src, dst in (("linear_1", "0"), ("linear_2", "2")):
+        for p in ("weight", "bias"):
+            t = llava[f"multi_modal_projector.{src}.{p}"]
+            sd[f"model.modal_projectors.vision.{dst}.{p}"] = t + 0.1 * torch.randn(t.shape, generator=g)
+    hidden = base["model.embed_tokens.weight"].shape[1]
+    sd["prefix_tokens.vision"] = torch.randn(5, hidden, generator=g)
+    sd["suffix_tokens.vision"] = torch.randn(5, hidden, generator=g)
+    d.mkdir()
+    torch.save(sd, d / "adapter_model.bin")
+    (d / "config.json").write_text(json.dumps({"mm_vision_encoder": "openai/clip-vit-large-patch14-336",
+                                               "lora_r": r, "lora_alpha": alpha}))
+    return sd
+
+
+def test_modelcompose_release_composes_and_runs(family, tmp_path):
+    sd = _modelcompose(family, tmp_path / "mc")
+    cfg = {"merge_method": "damc", "base_model": str(family.base), "models": [
+        {"model": str(family.sources["llava"]), "modality": "image", "adapters": str(tmp_path / "mc")}]}
+    out = compose(cfg, str(tmp_path / "c"))
+    stored = read_dir(f"{out}/modalities/image")
+    torch.testing.assert_close(stored["multi_modal_projector.linear_1.weight"], sd["model.modal_projectors.vision.0.weight"])
+    cc = read_json(f"{out}/composite_config.json")
+    assert cc["modalities"]["image"]["adapters"] == {"source": str(tmp_path / "mc"), "form": "modelcompose", "name": "vision",
+                                                     "encoders": {"mm_vision_encoder": "openai/clip-vit-large-patch14-336"}}
+    text, mod = {}, {}
+    for k in sd:
+        if ".lora_A." in k:
+            name = k.split(".lora_A.")[0] + ".weight"
+            delta = 2.0 * (sd[k.replace("lora_A", "lora_B")] @ sd[k]).double()
+            (text if ".default." in k else mod)[name] = delta  # lambda = 1/N = 1
+    ref = _Reference(family, text, {1: mod})
+    model = CompositeModel.from_pretrained(out)
+    got, embeds, mask, rids = _run(model, out, "w1 <image> w2", {"image": media_for("llava")})
+    first = int((rids[0] == 1).nonzero()[0])
+    torch.testing.assert_close(embeds[0, first:first + 5], sd["prefix_tokens.vision"])
+    torch.testing.assert_close(got.double(), ref.logits(embeds, mask, rids), rtol=1e-4, atol=1e-4)
+
+
+def test_modelcompose_dir_as_model_is_refused_clearly(family, tmp_path):
+    _modelcompose(family, tmp_path / "mc")
+    cfg = {"merge_method": "damc", "base_model": str(family.base), "models": [
+        {"model": str(tmp_path / "mc"), "modality": "image", "adapters": str(tmp_path / "mc")}]}
+    with pytest.raises(CompositionError, match="holds no encoder"):
+        compose(cfg, str(tmp_path / "c"))
+
+
+class Evil:
+    pass
+
+
+def test_pickle_with_non_tensors_is_refused(tmp_path):
+    torch.save({"a": torch.zeros(1), "b": "text"}, tmp_path / "strings.bin")
+    with pytest.raises(CompositionError, match=r"strings\.bin: entry 'b' is a str, not a tensor"):
+        safe_torch_load(str(tmp_path / "strings.bin"))
+    torch.save({"a": Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(CompositionError, match=r"evil\.bin: refused to unpickle"):
+        safe_torch_load(str(tmp_path / "evil.bin"))
+
+
+def test_damc_needs_adapters(family, tmp_path):
+    cfg = {"merge_method": "damc", "base_model": str(family.base),
+           "models": [{"model": str(family.sources["llava"]), "modality": "image"}]}
+    with pytest.raises(CompositionError, match="needs `adapters:`"):
+        compose(cfg, str(tmp_path / "c"))
