@@ -22,21 +22,22 @@ from mergekit_multimodal.zoo.train import ZooSpec
 #: (row name, merge method, global parameters, per-source parameters, evaluation route).
 #: route "own": single-modality questions on their own modality's whole-input route (MMER's
 #: retention use), multi-modality questions per-token; None: per-token routing throughout.
-#: A DAMC row needs decoupled sources: add ("damc", "damc", {...}, {}, None) with a source set.
+#: Last field: the suffix of the source directories (DAMC composes decoupled sources "<m>-damc",
+#: built by SOURCE_BUILDERS in zoo/build.py once the damc training helper exists).
 COMPOSITES = [
-    ("naive_mc", "naive_mc", {}, {}, None),
-    ("mmer", "mmer", {}, {}, "own"),
-    ("mmer per-token", "mmer", {}, {}, None),
-    ("ties", "ties", {}, {"weight": 1.0, "density": 0.5}, None),
-    ("damc", "damc", {}, {}, None),
+    ("naive_mc", "naive_mc", {}, {}, None, ""),
+    ("mmer", "mmer", {}, {}, "own", ""),
+    ("mmer per-token", "mmer", {}, {}, None, ""),
+    ("ties", "ties", {}, {"weight": 1.0, "density": 0.5}, None, ""),
+    ("damc", "damc", {}, {}, None, "-damc"),
 ]
 OWN = list(D.MODALITIES)
 COMMON = ["common-2", "common-3", "common-4"]
 QUICK = ZooSpec(base_steps=300, connector_steps=60, llm_steps=30, test_per_subset=40)
 
 
-def composite_config(zoo: str, method: str, params: dict, per_source: dict) -> dict:
-    models = [{"model": os.path.join(zoo, m), "modality": m, **({"parameters": per_source} if per_source else {})}
+def composite_config(zoo: str, method: str, params: dict, per_source: dict, suffix: str = "") -> dict:
+    models = [{"model": os.path.join(zoo, m + suffix), "modality": m, **({"parameters": per_source} if per_source else {})}
               for m in D.MODALITIES]
     cfg = {"merge_method": method, "base_model": os.path.join(zoo, "base"), "models": models, "dtype": "float32"}
     if params:
@@ -87,9 +88,13 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
         table[f"source {m}"] = {m: r.subsets[m]["accuracy"]}
     own_src = {m: table[f"source {m}"][m] for m in D.MODALITIES}
     rows = [r for r in COMPOSITES if rows_wanted is None or r[0] in rows_wanted]
-    for name, method, params, per_source, route in tqdm(rows, desc="3/3 compose + evaluate"):
+    for name, method, params, per_source, route, suffix in tqdm(rows, desc="3/3 compose + evaluate"):
+        if suffix and not all(os.path.isdir(os.path.join(zoo, m + suffix)) for m in D.MODALITIES):
+            echo(f"{name}: not available (no {suffix} sources in the zoo yet)")
+            table[name] = {"note": "not available"}
+            continue
         try:
-            path = compose_cached(zoo, name, composite_config(zoo, method, params, per_source))
+            path = compose_cached(zoo, name, composite_config(zoo, method, params, per_source, suffix))
         except CompositionError as exc:
             echo(f"{name}: not available ({str(exc).split(':')[-1].strip()[:90]})")
             table[name] = {"note": "not available"}
