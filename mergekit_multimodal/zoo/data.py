@@ -2,7 +2,7 @@
 
 A concept is a colour word. Each input shows two distinct concepts, in order:
 - image (28 px): left half one colour, right half the other;
-- audio (1 s at 3200 Hz): a tone at the first concept's pitch, then one at the second's;
+- audio (1 s at 16 kHz): a tone at the first concept's pitch, then one at the second's;
 - video (4 frames of 28 px, with a moving grey dot): two frames of one colour, then two of the other;
 - point cloud (64 xyz points): a cluster at the first concept's cube corner, one at the second's.
 Questions are multiple choice with letters A-D. The commonality question gives n inputs that share
@@ -19,11 +19,13 @@ import numpy as np
 CONCEPTS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40),
        "purple": (140, 40, 180), "orange": (240, 140, 20), "white": (240, 240, 240), "black": (15, 15, 15)}
-PITCH = {c: 150.0 + 160.0 * i for i, c in enumerate(CONCEPTS)}  # Hz, below Nyquist of 3200 Hz audio
+# Hz, evenly spaced on the mel scale (200 Hz .. 5 kHz) so each tone lands in its own Whisper mel bands
+PITCH = {c: 700.0 * (10 ** ((m0 + (m1 - m0) * i / 7) / 2595) - 1) for i, c in enumerate(CONCEPTS)
+         for m0, m1 in [(2595 * np.log10(1 + 200 / 700), 2595 * np.log10(1 + 5000 / 700))]}
 CORNER = {c: np.array([(i >> 2) & 1, (i >> 1) & 1, i & 1], dtype=np.float32) * 2 - 1 for i, c in enumerate(CONCEPTS)}
 MODALITIES = ("image", "audio", "video", "point_cloud")
 LETTERS = ("A", "B", "C", "D")
-IMAGE_SIZE, FRAMES, SAMPLE_RATE, POINTS = 28, 4, 3200, 64
+IMAGE_SIZE, FRAMES, SAMPLE_RATE, POINTS = 28, 4, 16000, 64
 COMMON_Q = "question : what do all inputs have in common ?"
 SINGLE_Q = "question : which one appears in the input ?"
 

@@ -128,8 +128,8 @@ def _processor(modality: str):
         s = D.IMAGE_SIZE
         return T.CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
     if modality == "audio":
-        return T.WhisperFeatureExtractor(feature_size=16, sampling_rate=D.SAMPLE_RATE, hop_length=100,
-                                         chunk_length=1, n_fft=200)
+        return T.WhisperFeatureExtractor(feature_size=16, sampling_rate=D.SAMPLE_RATE, hop_length=500,
+                                         chunk_length=1, n_fft=400)
     return None
 
 
