@@ -90,7 +90,9 @@ def _sequence(llm, prefix, suffix, batch: Mapping[str, torch.Tensor]):
     emb = llm.get_input_embeddings()
     prompt, target = batch["prompt_ids"].reshape(-1), batch["target_ids"].reshape(-1)
     feats = batch["features"].reshape(-1, prefix.shape[-1]).to(prefix.dtype)
-    parts = [emb(prompt), prefix, feats, suffix, emb(target)]
+    after = batch.get("after_ids")  # optional text between the item and the target, no loss
+    after = emb(after.reshape(-1)) if after is not None else feats[:0]
+    parts = [emb(prompt), prefix, feats, suffix, after, emb(target)]
     n_mod = prefix.shape[0] + feats.shape[0] + suffix.shape[0]
     mask = torch.zeros(sum(p.shape[0] for p in parts), dtype=torch.bool)
     mask[len(prompt):len(prompt) + n_mod] = True
@@ -107,8 +109,8 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
 
     llm: a transformers causal LM holding the shared base weights (modified in place: its targeted
         linears are wrapped). batches: dicts of `prompt_ids` [T1] (text before the item),
-        `features` [F, hidden] (the item's projected features) and `target_ids` [T2] (text after
-        it, the loss target); cycled for `steps` optimizer steps (Adam, one sequence per step).
+        `features` [F, hidden] (the item's projected features), optionally `after_ids` (text after
+        the item that is not a target, e.g. the question) and `target_ids` [T2] (the loss target); cycled for `steps` optimizer steps (Adam, one sequence per step).
     Returns a `DecoupledModel` for `save_decoupled`. Loss values are in `.losses`.
     """
     torch.manual_seed(seed)

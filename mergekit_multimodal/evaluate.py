@@ -34,10 +34,11 @@ from mergekit_multimodal.errors import CompositionError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_TEMPLATE = "{question}\n{choices}\nAnswer:"
+ANSWER_WITH = ("label", "choice")
 LETTERS: Tuple[str, ...] = tuple(string.ascii_uppercase)
 #: family -> the modality name a single source gets when none is given
 MODALITY_OF_FAMILY = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
-                      "qwen2_audio": "audio", "voxtral": "audio"}
+                      "qwen2_audio": "audio", "voxtral": "audio", "point_cloud": "point_cloud"}
 KNOWN_MARKERS = ("image", "video", "audio", "point_cloud")
 _MARKER = re.compile(r"<([A-Za-z_][\w-]*)>")
 
@@ -367,12 +368,15 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
              batch_size: int = 8, progress: bool = True, subsets: Optional[Sequence[str]] = None,
              template: str = DEFAULT_TEMPLATE, labels: Sequence[str] = LETTERS, generate: bool = False,
              max_new_tokens: int = 8, modality: Optional[str] = None, cache_dir: Optional[str] = None,
-             num_frames: Optional[int] = None, name: Optional[str] = None) -> EvalResult:
+             num_frames: Optional[int] = None, name: Optional[str] = None,
+             answer_with: str = "label") -> EvalResult:
     """Accuracy of a composite (or of one source MLLM, composed alone with NaiveMC) on a benchmark.
 
     route: None = per-token routing; a modality = the whole input on that modality's route (MMER
     retention); "auto" = questions with one modality on its whole-input route, the others per token.
     Questions needing a modality the model lacks are skipped (counted in `skipped`).
+    answer_with: "label" (MCUB: the model answers with the choice's label, A/B/...) or "choice" (it
+    answers with the choice's own text, scored by the text's first token; e.g. the zoo's tiny models).
     """
     from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 
@@ -395,6 +399,9 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
             raise CompositionError(f"{q.where}: {len(q.choices)} choices but {len(q.labels or labels)} choice labels")
     if batch_size < 1:
         raise CompositionError("batch_size must be at least 1")
+    if answer_with not in ANSWER_WITH:
+        raise CompositionError(f"answer_with must be one of {', '.join(ANSWER_WITH)}, got {answer_with!r}")
+    labels = _Answers(labels, answer_with)
     if dtype and dtype not in DTYPES:
         raise CompositionError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
 
@@ -416,7 +423,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
             if route == "auto":
                 mods = sorted(set(res.values()))
                 r = mods[0] if len(mods) == 1 and mods[0] in routes else None
-            jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels, res),
+            jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels.shown, res),
                                            res))
         if not jobs:
             raise CompositionError(f"no question of the benchmark can be asked: the model has modalities "
@@ -439,7 +446,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
                     batch = items[i:i + batch_size]
                     for q, out in zip((b[0] for b in batch),
                                       _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens)):
-                        out.update(id=q.id, subset=q.subset, answer=(q.labels or labels)[q.answer], route=r,
+                        out.update(id=q.id, subset=q.subset, answer=labels.of(q)[q.answer], route=r,
                                    correct=out["index"] == q.answer)
                         preds[q.id] = out
                     bar.update(len(batch))
@@ -463,6 +470,18 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
 def evaluate_accuracy(model_dir: str, benchmark: str, *, device: str = "cpu", limit: Optional[int] = None) -> float:
     """Overall accuracy in [0, 1] (correct / total), per-token routing, default prompt."""
     return evaluate(model_dir, benchmark, device=device, limit=limit, progress=False).overall
+
+
+class _Answers:
+    """What the prompt shows as each choice's label, and what the model is scored on writing."""
+
+    def __init__(self, shown: Sequence[str], answer_with: str):
+        self.shown, self.answer_with = tuple(shown), answer_with
+
+    def of(self, q: Question) -> Tuple[str, ...]:
+        if self.answer_with == "choice":
+            return tuple(q.choices)
+        return tuple((q.labels or self.shown)[:len(q.choices)])
 
 
 def _progress(total: int, enabled: bool):
@@ -495,15 +514,15 @@ def _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens
         texts = proc.batch_decode(new, skip_special_tokens=True)
         out = []
         for (q, _, _), t in zip(batch, texts):
-            labs = q.labels or labels
-            idx = parse_label(t, labs[:len(q.choices)])
+            labs = labels.of(q)
+            idx = parse_label(t, labs)
             out.append({"index": -1 if idx is None else idx, "predicted": None if idx is None else labs[idx],
                         "output": t})
         return out
     logits = next_token_logits(model, inputs)
     out = []
     for b, (q, prompt, _) in enumerate(batch):
-        labs = tuple((q.labels or labels)[:len(q.choices)])
+        labs = labels.of(q)
         scores = [max(float(logits[b, t]) for t in group) for group in _label_ids(proc, q, prompt, labels, label_cache)]
         idx = max(range(len(scores)), key=lambda i: scores[i])
         out.append({"index": idx, "predicted": labs[idx], "scores": [round(s, 5) for s in scores]})
@@ -511,7 +530,7 @@ def _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens
 
 
 def _label_ids(proc, q: Question, prompt: str, labels, cache) -> List[List[int]]:
-    labs = tuple((q.labels or labels)[:len(q.choices)])
+    labs = labels.of(q)
     key = (prompt.rsplit("\n", 1)[-1], labs)  # the prompt's last line is the context the label follows
     if key not in cache:
         cache[key] = label_token_ids(proc.tokenizer, key[0], labs)
@@ -598,9 +617,9 @@ def plot_results(results: Sequence[EvalResult], path: str) -> str:
     width = 0.8 / len(results)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(subsets) * max(1, len(results)) ** 0.5), 3.6))
     for k, r in enumerate(results):
-        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(subsets))]
-        ys = [100 * (r.overall if s == "overall" else r.subsets[s].accuracy if s in r.subsets else 0.0)
-              for s in subsets]
+        have = [i for i, s in enumerate(subsets) if s == "overall" or s in r.subsets]  # no bar where not evaluated
+        xs = [i - 0.4 + width * (k + 0.5) for i in have]
+        ys = [100 * (r.overall if subsets[i] == "overall" else r.subsets[subsets[i]].accuracy) for i in have]
         bars = ax.bar(xs, ys, width=width * 0.95, label=r.name)
         for b, y in zip(bars, ys):
             ax.text(b.get_x() + b.get_width() / 2, y + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
@@ -616,7 +635,7 @@ def plot_results(results: Sequence[EvalResult], path: str) -> str:
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(os.path.basename(str(first.benchmark).rstrip(os.sep)) or "benchmark", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -674,6 +693,8 @@ def write_results(result: EvalResult, out_dir: str) -> Dict[str, str]:
                    "(default: '{question}\\n{choices}\\nAnswer:').")
 @click.option("--labels", default=None, metavar="A,B,C,...",
               help="Choice labels shown and scored (default: A..Z). Comma-separated.")
+@click.option("--answer-with", type=click.Choice(ANSWER_WITH), default="label", show_default=True,
+              help="label: the model answers with the choice's label (MCUB); choice: with the choice's text.")
 @click.option("--generate", is_flag=True, help="Greedy generation, first label of the answer (MCUB's way).")
 @click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--num-frames", default=None, type=click.IntRange(1), help="Sample each video to this many frames.")
@@ -681,7 +702,7 @@ def write_results(result: EvalResult, out_dir: str) -> Dict[str, str]:
               help="Keep a single source's one-source composite here for reuse (default: a temporary dir).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(model, benchmark, out, device, dtype, route, limit, subsets, batch_size, modality, template, labels,
-         generate, max_new_tokens, num_frames, cache_dir, quiet):
+         answer_with, generate, max_new_tokens, num_frames, cache_dir, quiet):
     """Multiple-choice accuracy of MODEL (a composite, or one source MLLM) on BENCHMARK
     (benchmark.jsonl / .json, or a directory holding one); see docs/evaluate.md.
 
@@ -698,7 +719,7 @@ def main(model, benchmark, out, device, dtype, route, limit, subsets, batch_size
         result = evaluate(model, benchmark, device=device, dtype=dtype, route=route, limit=limit,
                           batch_size=batch_size, progress=not quiet, subsets=subsets or None, template=template,
                           labels=label_list, generate=generate, max_new_tokens=max_new_tokens, modality=modality,
-                          cache_dir=cache_dir, num_frames=num_frames)
+                          cache_dir=cache_dir, num_frames=num_frames, answer_with=answer_with)
         out = out or f"eval-{result.name}"
         paths = write_results(result, out)
     except CompositionError as exc:

@@ -212,6 +212,23 @@ def test_batching_does_not_change_scores(composite, media, tmp_path):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
 
 
+def test_answer_with_choice_scores_the_choice_words(composite, media, tmp_path):
+    """The prompt still shows the labels; each choice scores its own word's next-token logit."""
+    bench = write_bench(tmp_path, _questions(media, dict.fromkeys(PROMPTS, 1)))
+    res = evaluate(composite, str(bench), answer_with="choice", progress=False)
+    proc = CompositeProcessor.from_pretrained(composite)
+    model = CompositeModel.from_pretrained(composite)
+    with torch.no_grad():
+        logits = model(**proc(PROMPTS["i1"], media={"image": [str(media["image"])]})).logits[0, -1]
+    words = [proc.tokenizer.convert_tokens_to_ids(w) for w in ("w1", "w2", "w3", "w4")]
+    p = res.predictions[0]
+    assert p["scores"] == pytest.approx([float(logits[t]) for t in words], abs=1e-4)
+    assert p["index"] == int(torch.argmax(logits[words])) and p["answer"] == "w2"
+    assert p["predicted"] == ["w1", "w2", "w3", "w4"][p["index"]]
+    with pytest.raises(CompositionError, match="answer_with"):
+        evaluate(composite, str(bench), answer_with="word", progress=False)
+
+
 def test_generate_mode_reads_the_first_label(composite, media, tmp_path):
     bench = write_bench(tmp_path, _questions(media, dict.fromkeys(PROMPTS, 0)))
     res = evaluate(composite, str(bench), generate=True, max_new_tokens=2, progress=False)

@@ -13,6 +13,7 @@ from mergekit_multimodal.families import (
     llava,
     llava_next_video,
     mistral3,
+    point_cloud,
     qwen2_audio,
     video_llava,
     voxtral,
@@ -28,7 +29,7 @@ from mergekit_multimodal.families.base import (
 )
 
 FAMILIES = tuple(
-    m.FAMILY for m in (llava, video_llava, llava_next_video, qwen2_audio, mistral3, voxtral)
+    m.FAMILY for m in (llava, video_llava, llava_next_video, qwen2_audio, mistral3, voxtral, point_cloud)
 )
 _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 

@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.runtime import point_cloud
 
 LOG = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ ADAPTERS: Dict[str, tuple] = {
     "qwen2_audio": (_qwen2_audio, ("input_features", "feature_attention_mask")),
     "voxtral": (_voxtral, ("input_features",)),
     "mistral3": (_mistral3, ("pixel_values", "image_sizes")),
+    "point_cloud": (point_cloud.adapter, ("point_clouds",), point_cloud.load_encoder),  # ours: docs/zoo.md
 }
 
 
@@ -115,6 +117,10 @@ class ModalityEncoder:
         self.name, self.family = name, family
         self.adapter: Callable = ADAPTERS[family][0]
         self.required = ADAPTERS[family][1]
+        if len(ADAPTERS[family]) > 2:  # a family of ours, not a transformers class: its own loader
+            self.model, self.config = ADAPTERS[family][2](directory, dtype)
+            self.model.to(device)
+            return
         cfg = transformers.AutoConfig.from_pretrained(directory)
         text = cfg.get_text_config()
         text.num_hidden_layers, text.vocab_size, text.pad_token_id = 0, 1, None

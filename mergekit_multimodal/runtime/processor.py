@@ -20,10 +20,11 @@ import transformers
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.routes import read_composite_config
 from mergekit_multimodal.runtime import media as M
+from mergekit_multimodal.runtime.point_cloud import PointCloudPreprocessor
 
 #: family -> the kind of media its modality takes (what `images=` / `videos=` / `audios=` fill)
 KIND_OF_FAMILY = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
-                  "qwen2_audio": "audio", "voxtral": "audio"}
+                  "qwen2_audio": "audio", "voxtral": "audio", "point_cloud": "point_cloud"}
 
 
 def _quiet(fn: Callable, *args, **kwargs):
@@ -98,6 +99,7 @@ PREPROCESSORS: Dict[str, Callable] = {
     "llava": ImagePreprocessor, "mistral3": ImagePreprocessor,
     "video_llava": VideoPreprocessor, "llava_next_video": VideoPreprocessor,
     "qwen2_audio": AudioPreprocessor, "voxtral": AudioPreprocessor,
+    "point_cloud": PointCloudPreprocessor,
 }
 
 

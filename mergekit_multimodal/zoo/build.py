@@ -1,0 +1,136 @@
+"""Build (or reuse) the zoo: base LM, one source per modality, and the benchmark splits.
+
+The cache directory is named by a hash of the spec and of the zoo's source code, so any change
+rebuilds; a finished step leaves a `.done` marker, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import wave
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from mergekit_multimodal.zoo import data as D
+from mergekit_multimodal.zoo import train as TR
+
+ZOO_VERSION = 1
+#: directory name -> (function(spec, base_dir, out_dir, progress) training it, its step count). The
+#: plain sources first; then each one's DAMC-decoupled adapters ("<m>-damc"), which use the plain
+#: source's trained encoder + connector as their frozen feature extractor.
+SOURCE_BUILDERS: Dict[str, Tuple[Callable, Callable]] = {
+    **{m: ((lambda spec, base, out, progress, m=m, k=k: TR.train_source(m, spec, base, out, k, progress)),
+           lambda spec: spec.connector_steps + spec.llm_steps)
+       for k, m in enumerate(D.MODALITIES, start=1)},
+    **{f"{m}-damc": ((lambda spec, base, out, progress, m=m, k=k: TR.train_damc_source(
+        m, spec, base, os.path.join(os.path.dirname(out), m), out, k, progress)), lambda spec: spec.damc_steps)
+       for k, m in enumerate(D.MODALITIES, start=1)},
+}
+
+
+def default_cache() -> str:
+    return os.environ.get("MERGEKIT_MM_ZOO_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "mergekit-multimodal", "zoo"))
+
+
+def spec_hash(spec: TR.ZooSpec) -> str:
+    h = hashlib.sha256(json.dumps({"v": ZOO_VERSION, **dataclasses.asdict(spec)}, sort_keys=True).encode())
+    here = os.path.dirname(__file__)
+    for name in ("data.py", "train.py", "tokenizer.py", "build.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    with open(os.path.join(here, "..", "runtime", "point_cloud.py"), "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def total_steps(spec: TR.ZooSpec) -> int:
+    return spec.base_steps + sum(steps(spec) for _, steps in SOURCE_BUILDERS.values())
+
+
+def _done(d: str) -> bool:
+    return os.path.isfile(os.path.join(d, ".done"))
+
+
+def _mark(d: str) -> None:
+    open(os.path.join(d, ".done"), "w").close()
+
+
+def build_zoo(spec: TR.ZooSpec, cache: Optional[str] = None, progress: Optional[Callable[[int], None]] = None) -> str:
+    """Return the zoo directory: base/, <modality>/ for each source, bench-test/, bench-val/."""
+    import torch
+
+    root = os.path.join(cache or default_cache(), spec_hash(spec))
+    os.makedirs(root, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over small kernels
+    try:
+        base = os.path.join(root, "base")
+        if not _done(base):
+            shutil.rmtree(base, ignore_errors=True)
+            TR.train_base(spec, base, progress)
+            _mark(base)
+        elif progress:
+            progress(spec.base_steps)
+        for m, (builder, steps) in SOURCE_BUILDERS.items():
+            d = os.path.join(root, m)
+            if not _done(d):
+                shutil.rmtree(d, ignore_errors=True)
+                builder(spec, base, d, progress)
+                _mark(d)
+            elif progress:
+                progress(steps(spec))
+    finally:
+        torch.set_num_threads(threads)
+    for name, seed in (("bench-test", spec.test_seed), ("bench-val", spec.test_seed + 1)):
+        d = os.path.join(root, name)
+        if not _done(d):
+            shutil.rmtree(d, ignore_errors=True)
+            write_benchmark(d, seed, spec.test_per_subset)
+            _mark(d)
+    return root
+
+
+def _save_wav(path: str, wave_f32: np.ndarray) -> None:
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(D.SAMPLE_RATE)
+        w.writeframes((np.clip(wave_f32, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def write_benchmark(out_dir: str, seed: int, per_subset: int) -> str:
+    """The commonality benchmark: media files + benchmark.jsonl (docs/evaluate.md's format).
+    The test split uses a seed no training run uses (training draws from the spec's seed)."""
+    os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, q in enumerate(D.benchmark_items(seed, per_subset)):
+        media: Dict[str, list] = {}
+        for m, p in zip(q["modalities"], q["pairs"]):
+            arr = D.RENDER[m](p, rng)
+            if m == "image":
+                rel = f"media/{i:05d}-image.png"
+                Image.fromarray(arr).save(os.path.join(out_dir, rel))
+            elif m == "audio":
+                rel = f"media/{i:05d}-audio.wav"
+                _save_wav(os.path.join(out_dir, rel), arr)
+            else:
+                rel = f"media/{i:05d}-{m}.npy"
+                np.save(os.path.join(out_dir, rel), arr)
+            media[m] = [rel]
+        question = D.prompt([f"<{m}>" for m in q["modalities"]],
+                            D.SINGLE_Q if len(q["modalities"]) == 1 else D.COMMON_Q, q["choices"])
+        question = question[: -len(" answer :")]  # the evaluator's template adds the choices and "answer :"
+        question = question[: question.index(" A . ")]
+        lines.append(json.dumps({"id": f"q{i:05d}", "subset": q["subset"], "question": question, "media": media,
+                                 "choices": q["choices"], "answer": q["answer"]}))
+    with open(os.path.join(out_dir, "benchmark.jsonl"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return out_dir

@@ -1,0 +1,52 @@
+"""CI: a reduced zoo (fewer training steps, smaller test split) tells the composition story.
+
+Composites answer multi-modal commonality questions zero-shot well above chance (25%), MMER keeps
+more of each source's own-task accuracy than NaiveMC, and the story's files hold what it printed.
+A few minutes on 2 CPU cores.
+"""
+
+import json
+import os
+
+import pytest
+
+from mergekit_multimodal.zoo.story import QUICK, run_story
+
+ROWS = ["naive_mc", "mmer", "damc"]
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    out = str(root / "out")
+    return out, run_story(out, QUICK, cache=str(root / "cache"), echo=lambda *_: None, rows_wanted=ROWS)
+
+
+def test_composites_answer_multimodal_questions_well_above_chance(story):
+    table = story[1]["table"]
+    for row in ROWS:
+        for subset in ("common-2", "common-3", "common-4"):
+            assert table[row][subset] >= 0.45, (row, subset, table[row])
+
+
+def test_mmer_retains_more_than_naive_mc(story):
+    t = story[1]["table"]
+    assert t["mmer"]["retention"] > t["naive_mc"]["retention"], t
+
+
+def test_retention_is_the_ratio_to_each_sources_own_accuracy(story):
+    t = story[1]["table"]
+    for row, own in (("mmer", {m: t[f"source {m}"][m] for m in ("image", "audio", "video", "point_cloud")}),
+                     ("damc", t["damc sources"])):
+        want = sum(t[row][m] / own[m] for m in own) / len(own)
+        assert t[row]["retention"] == pytest.approx(want)
+
+
+def test_results_files_hold_the_table(story):
+    out, doc = story
+    with open(os.path.join(out, "zoo-results.json")) as f:
+        saved = json.load(f)
+    assert saved["table"] == json.loads(json.dumps(doc["table"]))
+    assert os.path.getsize(os.path.join(out, "zoo-results.png")) > 10_000
+    for row in ROWS:  # every question asked of every composite: 4 own tasks + 3 commonality subsets
+        assert doc["results"][row]["total"] == 7 * QUICK.test_per_subset and not doc["results"][row]["skipped"]
