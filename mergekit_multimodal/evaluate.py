@@ -467,9 +467,10 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
                       skipped=skipped, composite=None if temporary else composite)
 
 
-def evaluate_accuracy(model_dir: str, benchmark: str, *, device: str = "cpu", limit: Optional[int] = None) -> float:
-    """Overall accuracy in [0, 1] (correct / total), per-token routing, default prompt."""
-    return evaluate(model_dir, benchmark, device=device, limit=limit, progress=False).overall
+def evaluate_accuracy(model_dir: str, benchmark: str, *, device: str = "cpu", limit: Optional[int] = None,
+                      **options) -> float:
+    """Overall accuracy in [0, 1] (correct / total); `options` as `evaluate`'s (template, route...)."""
+    return evaluate(model_dir, benchmark, device=device, limit=limit, progress=False, **options).overall
 
 
 class _Answers:

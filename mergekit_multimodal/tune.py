@@ -149,7 +149,9 @@ def tune(config: Union[dict, str], score_fn: ScoreFn, space: Optional[Space] = N
 SCORER: Optional[Callable[[str, str, Optional[int]], ScoreFn]] = None
 
 
-def _benchmark_scorer(benchmark: str, device: str, limit: Optional[int]) -> ScoreFn:
+def _benchmark_scorer(benchmark: str, device: str, limit: Optional[int], **prompt) -> ScoreFn:
+    """Overall accuracy on `benchmark` through mergekit-mm-eval's evaluator; `prompt`: its
+    template / answer_with / route options, so a model is tuned on the prompt it is used with."""
     if SCORER is not None:
         return SCORER(benchmark, device, limit)
     try:
@@ -158,7 +160,7 @@ def _benchmark_scorer(benchmark: str, device: str, limit: Optional[int]) -> Scor
         raise click.ClickException(
             f"--val needs the evaluator (mergekit_multimodal.evaluate.evaluate_accuracy), which this install "
             f"lacks ({exc}); use mergekit_multimodal.tune.tune() with your own score function") from None
-    return lambda d: evaluate_accuracy(d, benchmark, device=device, limit=limit)
+    return lambda d: evaluate_accuracy(d, benchmark, device=device, limit=limit, **prompt)
 
 
 def _parse_space(items: Sequence[str]) -> Dict[str, List[Any]]:
@@ -180,12 +182,19 @@ def _parse_space(items: Sequence[str]) -> Dict[str, List[Any]]:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--limit", type=int, default=None, help="score on the first N validation examples only")
 @click.option("--workdir", default=None, help="where candidates are composed (a temporary directory each)")
-def main(config_file, benchmark, space, strategy, out_file, device, limit, workdir):
+@click.option("--template", default=None, help="the evaluator's prompt template (mergekit-mm-eval --template)")
+@click.option("--answer-with", type=click.Choice(["label", "choice"]), default="label", show_default=True,
+              help="as mergekit-mm-eval --answer-with")
+@click.option("--route", default=None, help="as mergekit-mm-eval --route (e.g. auto)")
+def main(config_file, benchmark, space, strategy, out_file, device, limit, workdir, template, answer_with, route):
     """Search CONFIG_FILE's coefficients on a validation benchmark; write the best as a YAML."""
     try:
         with open(config_file, encoding="utf-8") as f:
             config = yaml.safe_load(f)
-        scorer = _benchmark_scorer(benchmark, device, limit)
+        prompt = dict(answer_with=answer_with, route=route)
+        if template:
+            prompt["template"] = template.replace("\\n", "\n")
+        scorer = _benchmark_scorer(benchmark, device, limit, **prompt)
         result = tune(config, scorer, _parse_space(space) or None, strategy, workdir=workdir)
     except CompositionError as exc:
         raise click.ClickException(str(exc)) from None

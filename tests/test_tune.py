@@ -71,6 +71,23 @@ def test_cli_writes_the_tuned_yaml(task, tmp_path, monkeypatch):
     assert tuned == apply_values(cfg, OPTIMUM)
 
 
+def test_cli_passes_the_evaluators_prompt_options(task, tmp_path, monkeypatch):
+    """--template / --answer-with / --route reach the evaluator, so tuning scores the prompt in use."""
+    import mergekit_multimodal.evaluate as ev
+
+    cfg, score = task
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    calls = []
+    monkeypatch.setattr(ev, "evaluate", lambda d, bench, **kw: calls.append((bench, kw)) or
+                        type("R", (), {"overall": score(d)})())
+    r = CliRunner().invoke(tune_mod.main, [str(tmp_path / "c.yml"), "--val", "val-set", "--space", "image.lambda=0.25",
+                                           "--space", "audio.lambda=0.75", "--template", "{question}\\n{choices}\\nanswer :",
+                                           "--answer-with", "choice", "--route", "auto", "--out", str(tmp_path / "t.yml")])
+    assert r.exit_code == 0, r.output
+    assert calls == [("val-set", {"device": "cpu", "limit": None, "progress": False, "answer_with": "choice",
+                                  "route": "auto", "template": "{question}\n{choices}\nanswer :"})]
+
+
 def test_cli_without_evaluator_says_so(task, tmp_path, monkeypatch):
     cfg, _ = task
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
