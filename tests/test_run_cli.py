@@ -17,9 +17,10 @@ def llava_composite(family, tmp_path_factory):
     return compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path_factory.mktemp("c") / "c"))
 
 
-def test_answer_equals_the_source_models_greedy_answer(family, llava_composite, tmp_path):
+@pytest.mark.parametrize("route", [["--route", "image"], []])  # default auto: an image-only prompt -> image route
+def test_answer_equals_the_source_models_greedy_answer(family, llava_composite, tmp_path, route):
     img, arr = write_media("image", tmp_path)
-    res = CliRunner().invoke(main, [llava_composite, "--image", str(img), "--route", "image", "--device", "cpu",
+    res = CliRunner().invoke(main, [llava_composite, "--image", str(img), *route, "--device", "cpu",
                                     "--max-new-tokens", "5", "w1 <image> w2 w3"])
     assert res.exit_code == 0, res.output
 
@@ -43,6 +44,22 @@ def test_placeholders_are_added_when_the_prompt_has_none(llava_composite, tmp_pa
                                          "--device", "cpu", "--max-new-tokens", "3", "<image> <|AUDIO|> w5 w6"])
     assert bare.exit_code == 0 and explicit.exit_code == 0, bare.output + explicit.output
     assert bare.stdout.strip() and bare.stdout == explicit.stdout
+
+
+def test_auto_route_is_per_token_for_a_two_modality_prompt(llava_composite, tmp_path, monkeypatch):
+    """auto picks a whole-input route only when every item is of one modality."""
+    from mergekit_multimodal.runtime import CompositeModel
+
+    img, _ = write_media("image", tmp_path)
+    wav, _ = write_media("audio", tmp_path)
+    entered = []
+    real = CompositeModel.route
+    monkeypatch.setattr(CompositeModel, "route", lambda self, m: entered.append(m) or real(self, m))
+    for args in (["--image", str(img), "--audio", str(wav)], ["--image", str(img)], ["--image", str(img), "--route",
+                                                                                     "per-token"]):
+        res = CliRunner().invoke(main, [llava_composite, *args, "--device", "cpu", "--max-new-tokens", "2", "w5"])
+        assert res.exit_code == 0, res.output
+    assert entered == [None, "image", None]
 
 
 @pytest.mark.parametrize("args, message", [
