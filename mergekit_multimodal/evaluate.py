@@ -372,13 +372,14 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
              answer_with: str = "label") -> EvalResult:
     """Accuracy of a composite (or of one source MLLM, composed alone with NaiveMC) on a benchmark.
 
-    route: None = per-token routing; a modality = the whole input on that modality's route (MMER
-    retention); "auto" = questions with one modality on its whole-input route, the others per token.
+    route: None (or "per-token") = per-token routing; a modality = the whole input on that modality's
+    route (MMER retention); "auto" = on an MMER composite, questions with one modality on its
+    whole-input route, the others per token (runtime.auto_route).
     Questions needing a modality the model lacks are skipped (counted in `skipped`).
     answer_with: "label" (MCUB: the model answers with the choice's label, A/B/...) or "choice" (it
     answers with the choice's own text, scored by the text's first token; e.g. the zoo's tiny models).
     """
-    from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
+    from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, auto_route
 
     start = time.time()
     bench_name = benchmark if isinstance(benchmark, (str, os.PathLike)) else "<questions>"
@@ -409,6 +410,8 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
     try:
         proc = CompositeProcessor.from_pretrained(composite, num_frames=num_frames)
         routes = list(proc.modalities) if proc.composite_config.get("routes") else []  # as CompositeModel.route_of
+        if route == "per-token":
+            route = None
         if route not in (None, "auto") and route not in routes:
             raise CompositionError(f"no route {route!r}; routes: {', '.join(routes) or 'none (not MMER)'}")
 
@@ -421,8 +424,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
                 continue
             r = route
             if route == "auto":
-                mods = sorted(set(res.values()))
-                r = mods[0] if len(mods) == 1 and mods[0] in routes else None
+                r = auto_route(proc.composite_config, res.values())
             jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels.shown, res),
                                            res))
         if not jobs:
@@ -534,7 +536,14 @@ def _label_ids(proc, q: Question, prompt: str, labels, cache) -> List[List[int]]
     labs = labels.of(q)
     key = (prompt.rsplit("\n", 1)[-1], labs)  # the prompt's last line is the context the label follows
     if key not in cache:
-        cache[key] = label_token_ids(proc.tokenizer, key[0], labs)
+        try:
+            cache[key] = label_token_ids(proc.tokenizer, key[0], labs)
+        except CompositionError as exc:
+            if labels.answer_with != "choice":
+                raise
+            raise CompositionError(f"{q.where} (id {q.id}): with answer_with='choice' each choice is scored by its "
+                                   f"first token, so choices must begin with different known tokens: "
+                                   f"{str(exc).split(';')[0]}") from None
     return cache[key]
 
 
@@ -682,9 +691,9 @@ def write_results(result: EvalResult, out_dir: str) -> Dict[str, str]:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
               help="Default: the checkpoint's dtype as transformers loads it.")
-@click.option("--route", default=None, metavar="MODALITY",
-              help="Whole input on this modality's route (MMER retention); 'auto': single-modality questions "
-                   "on their route, others per token. Default: per-token routing.")
+@click.option("--route", default=None, metavar="MODALITY|auto|per-token",
+              help="Whole input on this modality's route (MMER retention); 'auto': on an MMER composite, "
+                   "single-modality questions on their route, others per token. Default: per-token routing.")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N questions.")
 @click.option("--subset", "subsets", multiple=True, metavar="NAME", help="Only this subset. Repeatable.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))

@@ -27,6 +27,7 @@ import tqdm
 import yaml
 
 from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.evaluate import ANSWER_WITH
 
 Space = Mapping[str, Sequence[Any]]
 ScoreFn = Callable[[str], float]
@@ -145,21 +146,11 @@ def tune(config: Union[dict, str], score_fn: ScoreFn, space: Optional[Space] = N
     return TuneResult(best, scores[best_values], trials, apply_values(config, best))
 
 
-#: tests replace this with a fake: (benchmark, device, limit) -> score_fn
-SCORER: Optional[Callable[[str, str, Optional[int]], ScoreFn]] = None
-
-
 def _benchmark_scorer(benchmark: str, device: str, limit: Optional[int], **prompt) -> ScoreFn:
     """Overall accuracy on `benchmark` through mergekit-mm-eval's evaluator; `prompt`: its
     template / answer_with / route options, so a model is tuned on the prompt it is used with."""
-    if SCORER is not None:
-        return SCORER(benchmark, device, limit)
-    try:
-        from mergekit_multimodal.evaluate import evaluate_accuracy
-    except ImportError as exc:
-        raise click.ClickException(
-            f"--val needs the evaluator (mergekit_multimodal.evaluate.evaluate_accuracy), which this install "
-            f"lacks ({exc}); use mergekit_multimodal.tune.tune() with your own score function") from None
+    from mergekit_multimodal.evaluate import evaluate_accuracy
+
     return lambda d: evaluate_accuracy(d, benchmark, device=device, limit=limit, **prompt)
 
 
@@ -183,7 +174,7 @@ def _parse_space(items: Sequence[str]) -> Dict[str, List[Any]]:
 @click.option("--limit", type=int, default=None, help="score on the first N validation examples only")
 @click.option("--workdir", default=None, help="where candidates are composed (a temporary directory each)")
 @click.option("--template", default=None, help="the evaluator's prompt template (mergekit-mm-eval --template)")
-@click.option("--answer-with", type=click.Choice(["label", "choice"]), default="label", show_default=True,
+@click.option("--answer-with", type=click.Choice(ANSWER_WITH), default="label", show_default=True,
               help="as mergekit-mm-eval --answer-with")
 @click.option("--route", default=None, help="as mergekit-mm-eval --route (e.g. auto)")
 def main(config_file, benchmark, space, strategy, out_file, device, limit, workdir, template, answer_with, route):
@@ -200,7 +191,9 @@ def main(config_file, benchmark, space, strategy, out_file, device, limit, workd
         raise click.ClickException(str(exc)) from None
     click.echo(result.table())
     with open(out_file, "w", encoding="utf-8") as f:
-        f.write(f"# mergekit-mm-tune --val {benchmark} --strategy {strategy}: best score {result.best_score:.4f}\n")
+        prompt_args = "".join(f" --{k.replace('_', '-')} {v!r}" for k, v in prompt.items() if v is not None)
+        f.write(f"# mergekit-mm-tune --val {benchmark} --strategy {strategy}{prompt_args}: "
+                f"best score {result.best_score:.4f}\n")
         yaml.safe_dump(result.config, f, sort_keys=False)
     click.echo(f"best: {', '.join(f'{k}={_fmt(v)}' for k, v in result.best.items())} "
                f"(score {result.best_score:.4f}); written to {out_file}")

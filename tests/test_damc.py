@@ -325,3 +325,22 @@ def test_damc_needs_adapters(family, tmp_path):
            "models": [{"model": str(family.sources["llava"]), "modality": "image"}]}
     with pytest.raises(CompositionError, match="needs `adapters:`"):
         compose(cfg, str(tmp_path / "c"))
+
+
+def test_training_sequence_with_text_after_the_item(family):
+    """prompt, prefix, features, suffix, after, target: only the prefix..suffix span takes the modality
+    adapter, and only the target is a loss label (the question after the item is context)."""
+    from mergekit_multimodal.damc_train import _sequence
+
+    llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
+    hidden = llm.config.hidden_size
+    prefix, suffix, feats = torch.randn(2, hidden), torch.randn(1, hidden), torch.randn(3, hidden)
+    batch = {"prompt_ids": torch.tensor([5, 6]), "features": feats, "after_ids": torch.tensor([7, 8, 9]),
+             "target_ids": torch.tensor([10, 11])}
+    embeds, mask, labels = _sequence(llm, prefix, suffix, batch)
+    emb = llm.get_input_embeddings()
+    want = torch.cat([emb(torch.tensor([5, 6])), prefix, feats, suffix, emb(torch.tensor([7, 8, 9])),
+                      emb(torch.tensor([10, 11]))])
+    assert torch.equal(embeds[0], want)
+    assert mask[0].tolist() == [False] * 2 + [True] * 6 + [False] * 5
+    assert labels[0].tolist() == [-100] * 11 + [10, 11]

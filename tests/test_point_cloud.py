@@ -52,6 +52,12 @@ def test_bad_point_cloud_files_are_named(source, tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros(12, np.float32))
     with pytest.raises(CompositionError, match="flat.npy: a point cloud is"):
         PC.preprocess_point_clouds([str(tmp_path / "flat.npy")], str(d))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3), np.float32))
+    with pytest.raises(CompositionError, match="empty.npy: a point cloud is .* at least one point"):
+        PC.preprocess_point_clouds([str(tmp_path / "empty.npy")], str(d))
+    np.save(tmp_path / "xy.npy", np.zeros((8, 2), np.float32))
+    with pytest.raises(CompositionError, match="xy.npy: 2 channels per point; the encoder needs 3"):
+        PC.preprocess_point_clouds([str(tmp_path / "xy.npy")], str(d))
     (tmp_path / "junk.npy").write_text("x")
     with pytest.raises(CompositionError, match="junk.npy: not a readable .npy point cloud"):
         PC.preprocess_point_clouds([str(tmp_path / "junk.npy")], str(d))

@@ -82,3 +82,14 @@ def test_a_corrupt_composite_part_is_named(family, tmp_path):
     img, _ = write_media("image", tmp_path)
     res = CliRunner().invoke(main, [out, "--device", "cpu", "--image", str(img), "w1"])
     assert res.exit_code != 0 and "masks" in res.output, res.output
+
+
+def test_auto_route_picks_a_whole_input_route_only_for_one_modality_on_mmer():
+    from mergekit_multimodal.runtime import auto_route
+
+    mods = {"image": {}, "audio": {}}
+    assert auto_route({"modalities": mods, "routes": {"kind": "mmer"}}, ["image", "image"]) == "image"
+    assert auto_route({"modalities": mods, "routes": {"kind": "mmer"}}, ["image", "audio"]) is None
+    assert auto_route({"modalities": mods, "routes": {"kind": "mmer"}}, []) is None  # text only: merged LLM
+    assert auto_route({"modalities": mods, "routes": {"kind": "damc"}}, ["image"]) is None  # text needs its adapters
+    assert auto_route({"modalities": mods}, ["image"]) is None  # NaiveMC: one route

@@ -26,6 +26,18 @@ from mergekit_multimodal.runtime.routing import DenseDelta, LowRankDelta, RouteD
 Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor outputs for its items
 
 
+def auto_route(composite_config: dict, modalities) -> Optional[str]:
+    """The route `--route auto` picks: the one modality of an input whose items are all of one
+    modality, when the composite is MMER (its routes rebuild that source's own parameters); else
+    None, per-token routing. DAMC stays per-token: its text tokens need the text adapters."""
+    mods = set(modalities)
+    routes = composite_config.get("routes") or {}
+    if len(mods) == 1 and routes and routes.get("kind", "mmer") == "mmer":
+        (m,) = mods
+        return m if m in composite_config["modalities"] else None
+    return None
+
+
 class CompositeModel(nn.Module):
     def __init__(self, path: str, llm: transformers.PreTrainedModel, encoders: Dict[str, ModalityEncoder],
                  config: dict, state: RouteState):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -124,9 +124,10 @@ def adapter(model, cfg, media) -> List[torch.Tensor]:
     return list(model.get_point_features(media["point_clouds"]))
 
 
-def _load_points(item: Any, directory: str) -> np.ndarray:
+def _load_points(item: Any) -> Tuple[np.ndarray, str]:
+    """(array [points, channels], what to call it in errors)."""
     if isinstance(item, (str, os.PathLike)):
-        path = str(item) if os.path.isabs(str(item)) or not directory else os.path.join(directory, str(item))
+        path = str(item)
         try:
             arr = np.load(path)
         except Exception as exc:
@@ -134,21 +135,22 @@ def _load_points(item: Any, directory: str) -> np.ndarray:
         where = path
     else:
         arr, where = np.asarray(item), "point cloud"
-    if arr.ndim != 2:
-        raise CompositionError(f"{where}: a point cloud is [points, 3 or 6], got shape {tuple(arr.shape)}")
-    return arr.astype(np.float32)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise CompositionError(f"{where}: a point cloud is [points, 3 or 6] with at least one point, "
+                               f"got shape {tuple(arr.shape)}")
+    return arr.astype(np.float32), where
 
 
 def preprocess_point_clouds(items: Sequence[Any], directory: str) -> Dict[str, torch.Tensor]:
     """Point clouds (.npy paths or arrays) -> {"point_clouds": [items, num_points, in_dim]} for the
-    encoder stored in `directory`: centred, resampled to its point count (deterministically)."""
+    encoder stored in `directory`: resampled to its point count (evenly spaced, order kept; deterministic)."""
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         pc = json.load(f)["point_config"]
     out = []
     for item in items:
-        arr = _load_points(item, "")
+        arr, where = _load_points(item)
         if arr.shape[1] < pc["in_dim"]:
-            raise CompositionError(f"point cloud has {arr.shape[1]} channels, the encoder needs {pc['in_dim']}")
+            raise CompositionError(f"{where}: {arr.shape[1]} channels per point; the encoder needs {pc['in_dim']}")
         arr = arr[:, : pc["in_dim"]]
         idx = np.linspace(0, len(arr) - 1, pc["num_points"]).round().astype(int)
         out.append(torch.from_numpy(arr[idx]))

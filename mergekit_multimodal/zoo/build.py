@@ -42,11 +42,11 @@ def default_cache() -> str:
 def spec_hash(spec: TR.ZooSpec) -> str:
     h = hashlib.sha256(json.dumps({"v": ZOO_VERSION, **dataclasses.asdict(spec)}, sort_keys=True).encode())
     here = os.path.dirname(__file__)
-    for name in ("data.py", "train.py", "tokenizer.py", "build.py"):
+    # the code that trains the zoo or computes its training features
+    for name in ("data.py", "train.py", "tokenizer.py", "build.py", "../damc_train.py", "../runtime/point_cloud.py",
+                 "../runtime/encoders.py"):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
-    with open(os.path.join(here, "..", "runtime", "point_cloud.py"), "rb") as f:
-        h.update(f.read())
     return h.hexdigest()[:12]
 
 
@@ -127,8 +127,7 @@ def write_benchmark(out_dir: str, seed: int, per_subset: int) -> str:
             media[m] = [rel]
         question = D.prompt([f"<{m}>" for m in q["modalities"]],
                             D.SINGLE_Q if len(q["modalities"]) == 1 else D.COMMON_Q, q["choices"])
-        question = question[: -len(" answer :")]  # the evaluator's template adds the choices and "answer :"
-        question = question[: question.index(" A . ")]
+        question = question[: question.index(" A . ")]  # the evaluator's template adds choices and "answer :"
         lines.append(json.dumps({"id": f"q{i:05d}", "subset": q["subset"], "question": question, "media": media,
                                  "choices": q["choices"], "answer": q["answer"]}))
     with open(os.path.join(out_dir, "benchmark.jsonl"), "w", encoding="utf-8") as f:

@@ -12,7 +12,7 @@ exactly one concept (each other concept appears in one input only) and asks what
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def video(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
 def point_cloud(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     half = POINTS // 2
     pts = np.concatenate([CORNER[c] + rng.normal(0, 0.25, (half, 3)) for c in pair]).astype(np.float32)
-    return pts[rng.permutation(POINTS)] if False else pts  # order kept: first concept's cluster first
+    return pts  # order kept: first concept's cluster first
 
 
 RENDER = {"image": image, "audio": audio, "video": video, "point_cloud": point_cloud}
@@ -127,15 +127,6 @@ def text_example(rng: random.Random) -> Tuple[str, str]:
     return prompt([" ".join(p) for p in q["pairs"]], COMMON_Q, q["choices"]), " " + answer_word(q)
 
 
-def media_example(placeholder: str, rng: random.Random) -> Tuple[str, str, Tuple[str, str]]:
-    """Source fine-tuning: one input of the source's own modality; describe it or answer which appears."""
-    if rng.random() < 0.5:
-        p = pair(rng)
-        return f"input 1 : {placeholder} . describe :", f" {p[0]} {p[1]}", p
-    q = single_question(rng)
-    return prompt([placeholder], SINGLE_Q, q["choices"]), " " + answer_word(q), q["pairs"][0]
-
-
 def render_many(modality: str, pairs: Sequence[Sequence[str]], seed: int) -> List[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [RENDER[modality](p, rng) for p in pairs]
@@ -155,7 +146,3 @@ def benchmark_items(seed: int, per_subset: int) -> List[dict]:
             q = common_question(n, rng)
             items.append({"subset": f"common-{n}", "modalities": rng.sample(MODALITIES, n), **q})
     return items
-
-
-def placeholders(modalities: Sequence[str], table: Dict[str, str]) -> List[str]:
-    return [table[m] for m in modalities]

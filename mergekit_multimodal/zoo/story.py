@@ -53,13 +53,26 @@ def composite_config(zoo: str, method: str, params: dict, per_source: dict, suff
     return cfg
 
 
-def compose_cached(zoo: str, name: str, cfg: dict) -> str:
+def code_hash() -> str:
+    """A hash of the package's source: composites made by other code are not reused."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for d, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    h.update(f.encode() + fh.read())
+    return h.hexdigest()[:10]
+
+
+def compose_cached(zoo: str, cfg: dict) -> str:
+    """Compose `cfg` once per (config, package code) under the zoo; reused by warm runs."""
     from mergekit.options import MergeOptions
 
     from mergekit_multimodal.api import compose
 
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-    out = os.path.join(zoo, "composites", f"{cfg['merge_method']}-{key}")
+    out = os.path.join(zoo, f"composites-{code_hash()}", f"{cfg['merge_method']}-{key}")
     if not os.path.isfile(os.path.join(out, "composite_config.json")):
         compose(cfg, out, MergeOptions(quiet=True), overwrite=True)
     return out
@@ -77,7 +90,6 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
     import transformers
     from tqdm.auto import tqdm
 
-    from mergekit_multimodal.evaluate import evaluate, plot_results
     from mergekit_multimodal.zoo.build import build_zoo, total_steps
 
     transformers.utils.logging.set_verbosity_error()
@@ -90,7 +102,19 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
     timings["zoo_s"] = time.time() - t0
     bench = os.path.join(zoo, "bench-test")
     echo(f"zoo: {zoo}\nbenchmark (held-out seed {spec.test_seed}): {bench}")
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread beats two fighting over small kernels
+    try:
+        return _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0) -> dict:
+    from tqdm.auto import tqdm
+
+    from mergekit_multimodal.evaluate import evaluate, plot_results
+
     ask = dict(template=TEMPLATE, answer_with="choice", progress=False)
     table: Dict[str, Dict[str, object]] = {}
     results: Dict[str, dict] = {}
@@ -98,10 +122,11 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
     t1 = time.time()
     own_results = {}
     for m in tqdm(D.MODALITIES, desc="2/3 evaluate each source alone"):
-        r = evaluate(os.path.join(zoo, m), bench, modality=m, subsets=[m], cache_dir=os.path.join(zoo, "sources"),
+        r = evaluate(os.path.join(zoo, m), bench, modality=m, subsets=[m],
+                     cache_dir=os.path.join(zoo, f"sources-{code_hash()}"),
                      name=f"source {m}", **ask)
         own_results[m] = r
-        results[f"source {m}"] = r.to_dict()
+        results[f"source {m}"] = r.to_dict(predictions=True)
         table[f"source {m}"] = {m: r.subsets[m].accuracy}
     own_src = {m: table[f"source {m}"][m] for m in D.MODALITIES}
     plotted.append(_sources_row(own_results))
@@ -109,17 +134,17 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
     for name, method, params, per_source, route, suffix in tqdm(rows, desc="3/3 compose + evaluate"):
         own = own_src
         if suffix:  # decoupled sources: retention against each one alone (a one-source composite of it)
-            alone = {m: evaluate(compose_cached(zoo, name, composite_config(zoo, method, params, per_source, suffix,
+            alone = {m: evaluate(compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix,
                                                                             [m])),
                                  bench, subsets=[m], route=route, name=f"{name} source {m}", **ask)
                      for m in D.MODALITIES}
             own = {m: r.subsets[m].accuracy for m, r in alone.items()}
             table[f"{name} sources"] = dict(own)
-            results[f"{name} sources"] = {m: r.to_dict() for m, r in alone.items()}
-        path = compose_cached(zoo, name, composite_config(zoo, method, params, per_source, suffix))
+            results[f"{name} sources"] = {m: r.to_dict(predictions=True) for m, r in alone.items()}
+        path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix))
         r = evaluate(path, bench, route=route, name=name, **ask)
         plotted.append(r)
-        results[name] = {**r.to_dict(), "composite": path}
+        results[name] = {**r.to_dict(predictions=True), "composite": path}
         acc = {s: v.accuracy for s, v in r.subsets.items()}
         ret = [acc[m] / own[m] for m in D.MODALITIES if own[m] > 0]
         table[name] = {**acc, "retention": sum(ret) / len(ret) if ret else None}

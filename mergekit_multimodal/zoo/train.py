@@ -56,7 +56,6 @@ SOURCES = {
               "video_token_index"),
     "point_cloud": (PC.ARCHITECTURE, None, None, "<point>", "point_token_index"),
 }
-_DEBUG = False
 FAMILY = {"image": "llava", "audio": "qwen2_audio", "video": "llava_next_video", "point_cloud": "point_cloud"}
 
 
@@ -118,8 +117,6 @@ def train_base(spec: ZooSpec, out_dir: str, progress: Optional[Callable[[int], N
             labels.append(torch.tensor([-100] * len(pi) + ai))
         loss = _lm_loss(model.model, model.lm_head, *_pad(rows, labels))
         _step(opt, params, loss, _lr(step, spec.base_steps, spec.base_lr))
-        if step % 100 == 0 and _DEBUG:
-            print("base", step, float(loss), flush=True)
         if progress:
             progress(1)
     model.save_pretrained(out_dir)
