@@ -1,4 +1,4 @@
-"""CI: a reduced zoo (fewer training steps, smaller test split) tells the composition story.
+"""CI: the zoo (the README's, with a 40-question test split) tells the composition story.
 
 Composites answer multi-modal commonality questions zero-shot well above chance (25%), MMER keeps
 more of each source's own-task accuracy than NaiveMC, and the story's files hold what it printed.
