@@ -2,6 +2,7 @@
 encoder + MLP connector, LLM in LLaVA's legacy layout."""
 
 from mergekit_multimodal.families.base import Family
+from mergekit_multimodal.runtime import point_cloud as _runtime  # noqa: F401  registers the config with AutoConfig
 
 FAMILY = Family(
     name="point_cloud",

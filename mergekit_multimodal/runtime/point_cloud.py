@@ -16,12 +16,24 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 
 from mergekit_multimodal.errors import CompositionError
 
 ARCHITECTURE = "PointLlavaForConditionalGeneration"
 MODEL_TYPE = "point_llava"
+
+
+class PointLlavaConfig(transformers.PretrainedConfig):
+    """Registered with AutoConfig so transformers' Auto classes (e.g. AutoTokenizer on a checkpoint
+    directory) read our config.json instead of warning about an unknown model type."""
+
+    model_type = MODEL_TYPE
+
+
+if MODEL_TYPE not in transformers.CONFIG_MAPPING:
+    transformers.AutoConfig.register(MODEL_TYPE, PointLlavaConfig)
 
 
 class PointEncoder(nn.Module):
