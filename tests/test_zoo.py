@@ -29,6 +29,13 @@ def test_composites_answer_multimodal_questions_well_above_chance(story):
             assert table[row][subset] >= 0.45, (row, subset, table[row])
 
 
+def test_shuffled_media_control_falls_to_chance(story):
+    """The same composite with each question shown another question's media: the answers came from the inputs."""
+    t = story[1]["table"]
+    for subset in ("common-2", "common-3", "common-4"):
+        assert t["mmer, media shuffled"][subset] <= 0.40 < t["mmer"][subset], (subset, t["mmer, media shuffled"])
+
+
 def test_mmer_retains_more_than_naive_mc(story):
     t = story[1]["table"]
     assert t["mmer"]["retention"] > t["naive_mc"]["retention"], t

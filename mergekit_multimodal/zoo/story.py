@@ -36,6 +36,8 @@ COMPOSITES = [
 ]
 OWN = list(D.MODALITIES)
 COMMON = ["common-2", "common-3", "common-4"]
+#: the composite asked again with shuffled media (the control row)
+CONTROL = "mmer"
 QUICK = ZooSpec(test_per_subset=40)  # the same zoo, a smaller test split (the CI test)
 
 
@@ -131,6 +133,7 @@ def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings,
     own_src = {m: table[f"source {m}"][m] for m in D.MODALITIES}
     plotted.append(_sources_row(own_results))
     rows = [r for r in COMPOSITES if rows_wanted is None or r[0] in rows_wanted]
+    paths = {}
     for name, method, params, per_source, route, suffix in tqdm(rows, desc="3/3 compose + evaluate"):
         own = own_src
         if suffix:  # decoupled sources: retention against each one alone (a one-source composite of it)
@@ -142,12 +145,20 @@ def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings,
             table[f"{name} sources"] = dict(own)
             results[f"{name} sources"] = {m: r.to_dict(predictions=True) for m, r in alone.items()}
         path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix))
+        paths[name] = (path, route)
         r = evaluate(path, bench, route=route, name=name, **ask)
         plotted.append(r)
         results[name] = {**r.to_dict(predictions=True), "composite": path}
         acc = {s: v.accuracy for s, v in r.subsets.items()}
         ret = [acc[m] / own[m] for m in D.MODALITIES if own[m] > 0]
         table[name] = {**acc, "retention": sum(ret) / len(ret) if ret else None}
+    if CONTROL in paths:  # the same composite and questions, each question shown another question's media
+        path, route = paths[CONTROL]
+        name = f"{CONTROL}, media shuffled"
+        r = evaluate(path, shuffled_media_benchmark(bench), route=route, name=name, **ask)
+        plotted.append(r)
+        results[name] = {**r.to_dict(predictions=True), "composite": path}
+        table[name] = {s: v.accuracy for s, v in r.subsets.items()}
     timings["eval_s"] = time.time() - t1
     timings["total_s"] = time.time() - t0
     cols = OWN + ["retention"] + COMMON
@@ -163,6 +174,31 @@ def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings,
     echo(f"\nwrote {out_dir}/zoo-results.json, {out_dir}/zoo-results.png  ({timings['total_s']:.0f} s: zoo "
          f"{timings['zoo_s']:.0f} s, compose + evaluate {timings['eval_s']:.0f} s)")
     return doc
+
+
+def shuffled_media_benchmark(bench: str, seed: int = 0) -> str:
+    """A control: the benchmark's questions with their media permuted among the questions of the
+    same subset and modalities, so no question sees its own inputs. Scores near chance mean the composites' answers come from the media."""
+    import random
+
+    out = os.path.join(bench, "benchmark-media-shuffled.jsonl")
+    if not os.path.isfile(out):
+        with open(os.path.join(bench, "benchmark.jsonl"), encoding="utf-8") as f:
+            questions = [json.loads(line) for line in f if line.strip()]
+        rng = random.Random(seed)
+        key = lambda q: (q["subset"], tuple(sorted(q["media"])))  # noqa: E731  same modalities: same markers
+        for k in dict.fromkeys(map(key, questions)):
+            group = [q for q in questions if key(q) == k]
+            media = [q["media"] for q in group]
+            order = list(range(len(group)))
+            while len(group) > 1 and any(i == j for i, j in enumerate(order)):  # no question keeps its own
+                rng.shuffle(order)
+            for q, j in zip(group, order):
+                q["media"] = media[j]
+        with open(out + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(q) + "\n" for q in questions)
+        os.replace(out + ".tmp", out)
+    return out
 
 
 def _sources_row(own: Dict[str, "EvalResult"]) -> "EvalResult":
