@@ -160,6 +160,9 @@ def main() -> None:
     if args.device.startswith("cuda"):
         peak = {k: statistics.median(r["peak"] for r in v) for k, v in runs.items()}
         rows.append(("peak CUDA memory (prefill) / plain weights", peak["composite"] / mem["plain"], "<=", 2.2))
+    per_round = [p["prefill"] / c["prefill"] for p, c in zip(runs["plain"], runs["composite"])]
+    print("prefill ratio per round (paired, same inputs back to back): "
+          + ", ".join(f"{r:.3f}x" for r in per_round))
     print("\ncomposite / plain:")
     for label, ratio, op, goal in rows:
         ok = ratio >= goal if op == ">=" else ratio <= goal

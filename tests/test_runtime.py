@@ -114,6 +114,35 @@ def test_routed_linear_puts_each_token_on_its_route():
     np.testing.assert_allclose(routed(x).detach().numpy()[0, 3], weights[2] @ x[0, 3].numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("in_features", [16, 12])
+def test_blocked_route_weights_equal_the_numpy_formula(monkeypatch, in_features):
+    """On CPU a route's weight is built a few rows at a time (routing.BLOCK_ELEMENTS); blocks of
+    8 rows here, so 20 output rows take three blocks, the last one short."""
+    from mergekit_multimodal.runtime import routing
+
+    monkeypatch.setattr(routing, "BLOCK_ELEMENTS", 8 * in_features)
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(in_features, 20)
+    tau, tau_b = torch.randn(20, in_features, generator=g), torch.randn(20, generator=g)
+    masks = [torch.rand(20, in_features, generator=g) > 0.5 for _ in range(2)]
+    masks_b = [torch.rand(20, generator=g) > 0.5 for _ in range(2)]
+    scales, alpha = [1.5, 0.7], 0.4
+    state = RouteState()
+    routed = RoutedLinear(lin, RouteDelta(tau, [pack_mask(m) for m in masks], scales, alpha),
+                          RouteDelta(tau_b, [pack_mask(m) for m in masks_b], scales, alpha), state)
+    x = torch.randn(1, 6, in_features, generator=g)
+    route_ids = [0, 1, 1, 2, 0, 2]
+    state.set_tokens(torch.tensor([route_ids]))
+    y = routed(x).detach().numpy()
+    W, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
+    for t, r in enumerate(route_ids):
+        w, bias = W, b
+        if r:
+            w = W + (scales[r - 1] * masks[r - 1].numpy() - alpha) * tau.numpy()
+            bias = b + (scales[r - 1] * masks_b[r - 1].numpy() - alpha) * tau_b.numpy()
+        np.testing.assert_allclose(y[0, t], w @ x[0, t].numpy() + bias, rtol=1e-5, atol=1e-5)
+
+
 def test_whole_input_route_equals_the_source_model_for_its_modality(family, tmp_path):
     """MMER retention: with route('image') a text-only prompt runs on theta_base + m * tau_*."""
     out = compose(composite_config(family, "mmer", ["llava"]), str(tmp_path / "c"))

@@ -77,15 +77,37 @@ class RouteDelta(nn.Module):
         """scale_m * mask_m - alpha per element, in one lookup: each byte of the packed mask indexes
         a [256, 8] table of its 8 coefficients (so no separate mask tensor is built)."""
         packed = getattr(self, f"mask{route - 1}") if packed is None else packed
-        bits = _bit_table(packed.device, torch.bool)
-        table = torch.where(bits, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
         count = self.tau.numel() if shape is None else math.prod(shape)
-        coeff = table.index_select(0, packed.reshape(-1).int()).reshape(-1)[:count]
+        index = packed.reshape(-1) if packed.dtype == torch.int32 else packed.reshape(-1).int()
+        coeff = self._table(route).index_select(0, index).reshape(-1)[:count]
         return coeff.reshape(self.tau.shape if shape is None else shape)
+
+    def _table(self, route: int) -> torch.Tensor:
+        """Route m's [256, 8] coefficient table, built once per device and dtype (a per-call build
+        costs as much as a small block's lookup)."""
+        key = (route, self.tau.device, self.tau.dtype)
+        tables = self.__dict__.setdefault("_tables", {})  # a cache, not module state
+        if key not in tables:
+            bits = _bit_table(self.tau.device, torch.bool)
+            tables[key] = torch.where(bits, self.scales[route - 1] - self.alpha, -self.alpha).to(self.tau.dtype)
+        return tables[key]
 
     def apply(self, base: torch.Tensor, route: int) -> torch.Tensor:
         """base + delta_m as a new tensor, in two passes (coefficient lookup, addcmul)."""
         return torch.addcmul(base, self.coefficients(route), self.tau)
+
+    def linear_blocked(self, x: torch.Tensor, base: torch.Tensor, route: int, block: int) -> torch.Tensor:
+        """x @ (base + delta_m)^T built `block` output rows at a time (block % 8 == 0, so each block
+        starts on a byte of the packed mask): each block's coefficients and weight stay in the CPU
+        cache for its matmul instead of making three round trips to memory as whole tensors."""
+        packed = getattr(self, f"mask{route - 1}").reshape(-1).int()  # converted once, not per block
+        rows, cols = base.shape
+        outs = []
+        for start in range(0, rows, block):
+            end = min(start + block, rows)
+            coeff = self.coefficients(route, packed[start * cols // 8:(end * cols + 7) // 8], (end - start, cols))
+            outs.append(F.linear(x, torch.addcmul(base[start:end], coeff, self.tau[start:end])))
+        return torch.cat(outs, dim=-1)
 
     def delta(self, route: int) -> torch.Tensor:
         return self.apply(torch.zeros_like(self.tau), route)
@@ -155,6 +177,10 @@ class DenseDelta(nn.Module):
         return base + self.delta(route) if route in self.routes else base
 
 
+#: elements per block when a route's weight is built blockwise on CPU (1 MiB of fp32: fits L2)
+BLOCK_ELEMENTS = 1 << 18
+
+
 class RoutedLinear(nn.Module):
     """nn.Linear whose tokens of modality m run on W_merged + delta_m (text tokens on W_merged).
 
@@ -183,6 +209,15 @@ class RoutedLinear(nn.Module):
         kept = self.__dict__.setdefault("_kept", {})  # plain dict: kept weights are a cache, not state
         if route in kept:
             return F.linear(x, *kept[route])
+        w = self.linear.weight
+        if w.device.type == "cpu" and route not in self.state.keep and isinstance(self.weight_delta, RouteDelta):
+            block = max(8, BLOCK_ELEMENTS // w.shape[1] // 8 * 8)
+            if block < w.shape[0]:  # CPU: build and use the route's weight a cache-sized block at a time
+                y = self.weight_delta.linear_blocked(x, w, route, block)
+                b = self.linear.bias
+                if b is not None:
+                    y = y + (self.bias_delta.apply(b, route) if self.bias_delta is not None else b)
+                return y
         w = self.weight_delta.apply(self.linear.weight, route)
         b = self.linear.bias
         if b is not None:
