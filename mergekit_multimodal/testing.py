@@ -96,7 +96,7 @@ _KINDS = {
     "qwen2_audio": ("Qwen2AudioForConditionalGeneration", "Qwen2AudioConfig", "audio_config", _qwen2_audio,
                     ("<|AUDIO|>",), {"audio_token_index": "<|AUDIO|>"}, None, 1, _whisper_proc),
     "mistral3": ("Mistral3ForConditionalGeneration", "Mistral3Config", "vision_config", _pixtral,
-                 ("[IMG]",), {"image_token_index": "[IMG]"}, None, 1,
+                 ("[IMG]", "[IMG_BREAK]", "[IMG_END]"), {"image_token_index": "[IMG]"}, None, 1,
                  lambda: T.PixtralImageProcessor(size={"longest_edge": 2 * IMAGE_SIZE}, patch_size=PATCH_SIZE)),
     "voxtral": ("VoxtralForConditionalGeneration", "VoxtralConfig", "audio_config", _voxtral_audio,
                 ("[AUDIO]",), {"audio_token_id": "[AUDIO]"}, None, 1, _whisper_proc),

@@ -80,8 +80,17 @@ def test_files_through_the_processor_reproduce_the_source(kind, family, mistral_
     source = getattr(transformers, transformers.AutoConfig.from_pretrained(src).architectures[0]).from_pretrained(src).eval()
     media = source_inputs(src, KIND[kind], decoded)
     n_features = model.encoders[modality].features(inputs["media"][modality])[0].shape[0]
+    expanded = [PLACEHOLDER[kind]] * n_features
+    if kind == "mistral3":  # as PixtralProcessor expands it: [IMG_BREAK] after each row, [IMG_END] last
+        h, w = (int(v) for v in media["image_sizes"][0])
+        src_cfg = transformers.AutoConfig.from_pretrained(src)
+        side = src_cfg.vision_config.patch_size * src_cfg.spatial_merge_size
+        rows, cols = h // side, w // side
+        assert rows * cols == n_features and rows > 1 and cols > 1, (rows, cols, n_features)
+        expanded = (["[IMG]"] * cols + ["[IMG_BREAK]"]) * rows
+        expanded[-1] = "[IMG_END]"
     tok = transformers.AutoTokenizer.from_pretrained(src)
-    ids = tok("w1 w2 " + " ".join([PLACEHOLDER[kind]] * n_features) + " w3 w4", return_tensors="pt").input_ids
+    ids = tok("w1 w2 " + " ".join(expanded) + " w3 w4", return_tensors="pt").input_ids
     with torch.no_grad():
         want = source(input_ids=ids, **media).logits
     assert got.shape[1] == want.shape[1]
@@ -168,3 +177,11 @@ def test_mp4_is_read_with_pyav(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
     with pytest.raises(CompositionError, match="bad.mp4: not a readable video"):
         M.load_video(tmp_path / "bad.mp4")
+
+
+def test_mistral3_row_tokens_missing_from_the_vocabulary_are_named(mistral_family, tmp_path):
+    out = compose(composite_config(mistral_family, "mmer", ["mistral3"]), str(tmp_path / "c"))
+    info = CompositeModel.from_pretrained(out).composite_config["modalities"][MODALITY["mistral3"]]
+    (tmp_path / "c" / info["path"] / "processor_config.json").write_text('{"image_break_token": "[NOPE]"}')
+    with pytest.raises(CompositionError, match=r"lacks \[NOPE\]"):
+        CompositeModel.from_pretrained(out)

@@ -37,7 +37,7 @@ PLACEHOLDERS = {
     "video_llava": ({"image_token_index": "<image>", "video_token_index": "<video>"}, 98),
     "llava_next_video": ({"image_token_index": "<image>", "video_token_index": "<video>"}, 98),
     "qwen2_audio": ({"audio_token_index": "<|AUDIO|>"}, 97),
-    "mistral3": ({"image_token_index": "[IMG]"}, 97),
+    "mistral3": ({"image_token_index": "[IMG]"}, 99),  # + [IMG_BREAK], [IMG_END], as Mistral-Small-3.1 has
     "voxtral": ({"audio_token_id": "[AUDIO]"}, 97),
     "llava_next": ({"image_token_index": "<image>"}, 97),
 }

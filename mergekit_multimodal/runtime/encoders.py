@@ -11,7 +11,7 @@ source model's forward would before scattering them into its embeddings.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import transformers
@@ -95,6 +95,16 @@ def _mistral3(model, cfg, media):
     return list(out.pooler_output)
 
 
+def _mistral3_grid(cfg, media) -> List[Tuple[int, int]]:
+    """Each image's (rows, columns) of merged patches: PixtralProcessor puts `[IMG_BREAK]` after
+    each row and `[IMG_END]` after the last, and Mistral3 models were trained on that layout."""
+    side = cfg.vision_config.patch_size * cfg.spatial_merge_size
+    return [(int(h) // side, int(w) // side) for h, w in media["image_sizes"].tolist()]
+
+
+#: family -> its items' feature grid (rows, columns), for families whose prompts break rows apart
+GRIDS: Dict[str, Callable] = {"mistral3": _mistral3_grid}
+
 #: family name -> (adapter, the media keys it needs, in the names the source's processor gives them)
 ADAPTERS: Dict[str, tuple] = {
     "llava": (_llava, ("pixel_values",)),
@@ -145,3 +155,8 @@ class ModalityEncoder:
         media = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in media.items()}
         with torch.no_grad():
             return self.adapter(self.model, self.config, media)
+
+    def grids(self, media: Dict[str, torch.Tensor]) -> Optional[List[Tuple[int, int]]]:
+        """Each item's (rows, columns) of features where the family's prompt layout breaks rows; else None."""
+        grid = GRIDS.get(self.family)
+        return grid(self.config, media) if grid is not None else None

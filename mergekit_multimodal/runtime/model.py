@@ -20,7 +20,7 @@ from torch import nn
 from mergekit_multimodal import layout as L
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.routes import _loader, read_composite_config
-from mergekit_multimodal.runtime.encoders import ModalityEncoder
+from mergekit_multimodal.runtime.encoders import GRIDS, ModalityEncoder
 from mergekit_multimodal.runtime.routing import DenseDelta, LowRankDelta, RouteDelta, RouteState, install_routes
 
 Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor outputs for its items
@@ -50,6 +50,8 @@ class CompositeModel(nn.Module):
         self._embed_name = ""
         #: DAMC: learned embeddings placed before / after each item's features, on its modality's route
         self.affixes: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+        #: Mistral3: the token ids put after each row of an image's features and after its last row
+        self.row_tokens: Dict[str, Tuple[int, int]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -100,6 +102,7 @@ class CompositeModel(nn.Module):
         state.keep = frozenset(model.route_of[m] for m in resident_routes)
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
         model._embed_name = embed_name
+        model.row_tokens = _row_tokens(path, cfg, encoders)
         for m, info in cfg["modalities"].items():
             if info.get("prefix_suffix"):
                 model.affixes[m] = _read_affixes(os.path.join(path, info["prefix_suffix"]), llm.dtype, device)
@@ -146,6 +149,7 @@ class CompositeModel(nn.Module):
             if m not in self.encoders:
                 raise CompositionError(f"the composite has no modality {m!r}; it has {', '.join(self.encoders)}")
         feats = {m: self.encoders[m].features(media[m]) for m in media}
+        grids = {m: self.encoders[m].grids(media[m]) for m in media if m in self.row_tokens}
         embed = self._embed
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -166,6 +170,8 @@ class CompositeModel(nn.Module):
                     pieces.append(embed(ids[start:pos].to(self.device)))
                     route.append(torch.zeros(pos - start, dtype=torch.long))
                 f = feats[m][cursor[m]].to(self.device, self.dtype)
+                if m in self.row_tokens:
+                    f = self._break_rows(m, f, grids[m][cursor[m]], embed)
                 if m in self.affixes:  # DAMC: prefix + features + suffix, all on the modality's route
                     f = torch.cat([t for t in (self.affixes[m][0], f, self.affixes[m][1]) if t is not None])
                 cursor[m] += 1
@@ -190,6 +196,17 @@ class CompositeModel(nn.Module):
             mask[b, width - r.shape[0]:] = 1
             route_ids[b, width - r.shape[0]:] = rt.to(self.device)
         return embeds, mask, route_ids
+
+    def _break_rows(self, m: str, f: torch.Tensor, grid: Tuple[int, int], embed) -> torch.Tensor:
+        """An image's features laid out as its source's processor lays out its tokens: each row of
+        features followed by the row-break token, the last row by the end token."""
+        rows, cols = grid
+        if rows * cols != f.shape[0]:
+            raise CompositionError(f"modality {m!r}: an image gave {f.shape[0]} features, not the {rows} x {cols} "
+                                   f"grid its image_sizes imply; pass the image processor's own image_sizes")
+        brk, end = embed(torch.tensor(self.row_tokens[m], device=self.device)).to(f.dtype)
+        marks = torch.cat([brk.expand(rows - 1, -1), end[None]])  # [rows, hidden]
+        return torch.cat([f.reshape(rows, cols, -1), marks[:, None]], dim=1).reshape(rows * (cols + 1), -1)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Text-token embeddings: merged rows, or the chosen route's rows when one route is forced."""
@@ -224,6 +241,37 @@ class CompositeModel(nn.Module):
             return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
         finally:
             self.state.set_tokens(None)
+
+
+def _row_tokens(path: str, cfg: dict, encoders: Dict[str, ModalityEncoder]) -> Dict[str, Tuple[int, int]]:
+    """Modality -> (row-break id, end id) in the composite's vocabulary, for the families whose
+    image prompts break rows (Mistral3). Token names come from the source's processor_config.json
+    (PixtralProcessor's defaults otherwise)."""
+    import json
+
+    wanted = [m for m, enc in encoders.items() if enc.family in GRIDS]
+    if not wanted:
+        return {}
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise CompositionError(f"{path}: the composite's tokenizer does not load ({type(exc).__name__}: {exc}); "
+                               f"modalities {wanted} need it for their row-break tokens") from None
+    out = {}
+    for m in wanted:
+        names = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+        pc = os.path.join(path, cfg["modalities"][m]["path"], "processor_config.json")
+        if os.path.isfile(pc):
+            with open(pc, encoding="utf-8") as f:
+                names.update({k: v for k, v in json.load(f).items() if k in names and isinstance(v, str)})
+        ids = [tok.convert_tokens_to_ids(t) for t in names.values()]
+        missing = [t for t, i in zip(names.values(), ids) if i is None or i == tok.unk_token_id]
+        if missing:
+            raise CompositionError(f"{path}: modality {m!r} ({cfg['modalities'][m]['family']}) lays its images out "
+                                   f"with {', '.join(names.values())}, but the composite's tokenizer lacks "
+                                   f"{', '.join(missing)}; recompose from a source whose tokenizer has them")
+        out[m] = tuple(ids)
+    return out
 
 
 def _embedding_param_name(llm: nn.Module) -> str:
