@@ -17,9 +17,17 @@ ROWS = ["naive_mc", "mmer", "damc"]
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
+    import transformers
+
     root = tmp_path_factory.mktemp("zoo")
     out = str(root / "out")
-    return out, run_story(out, QUICK, cache=str(root / "cache"), echo=lambda *_: None, rows_wanted=ROWS)
+    before = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_info()  # the story must hand this back unchanged
+    try:
+        yield out, run_story(out, QUICK, cache=str(root / "cache"), echo=lambda *_: None, rows_wanted=ROWS), \
+            transformers.utils.logging.get_verbosity()
+    finally:
+        transformers.utils.logging.set_verbosity(before)
 
 
 def test_composites_answer_multimodal_questions_well_above_chance(story):
@@ -60,10 +68,26 @@ def test_retention_is_computed_from_the_predictions(story):
 
 
 def test_results_files_are_written(story):
-    out, doc = story
+    out, doc = story[:2]
     with open(os.path.join(out, "zoo-results.json")) as f:
         saved = json.load(f)
     assert set(saved["table"]) >= set(ROWS) and saved["timings"]["total_s"] > 0
     assert os.path.getsize(os.path.join(out, "zoo-results.png")) > 10_000
     for row in ROWS:  # every question asked of every composite: 4 own tasks + 3 commonality subsets
         assert doc["results"][row]["total"] == 7 * QUICK.test_per_subset and not doc["results"][row]["skipped"]
+
+
+def test_the_story_restores_transformers_logging(story):
+    import transformers
+
+    assert story[2] == transformers.logging.INFO
+
+
+def test_stale_composite_caches_are_pruned(tmp_path):
+    from mergekit_multimodal.zoo.story import prune_stale_composites
+
+    for d in ("composites-aaaa", "composites-bbbb", "sources-aaaa", "sources-cccc", "bench-test", "base"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "composites-aaaa" / "mmer-1").mkdir()
+    assert prune_stale_composites(str(tmp_path), "aaaa") == ["composites-bbbb", "sources-cccc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "bench-test", "composites-aaaa", "sources-aaaa"]

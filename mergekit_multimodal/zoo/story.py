@@ -94,22 +94,43 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
 
     from mergekit_multimodal.zoo.build import build_zoo, total_steps
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    os.makedirs(out_dir, exist_ok=True)
-    t0 = time.time()
-    timings = {}
-    with tqdm(total=total_steps(spec), desc="1/3 zoo: train (or reuse) base, 4 sources, 4 DAMC adapters", unit="step") as bar:
-        zoo = build_zoo(spec, cache, bar.update)
-    timings["zoo_s"] = time.time() - t0
-    bench = os.path.join(zoo, "bench-test")
-    echo(f"zoo: {zoo}\nbenchmark (held-out seed {spec.test_seed}): {bench}")
+    logs = transformers.utils.logging
+    verbosity, bars = logs.get_verbosity(), logs.is_progress_bar_enabled()
+    logs.set_verbosity_error()  # the story prints its own progress; restored below for the caller
+    logs.disable_progress_bar()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread beats two fighting over small kernels
     try:
+        os.makedirs(out_dir, exist_ok=True)
+        t0 = time.time()
+        timings = {}
+        with tqdm(total=total_steps(spec), desc="1/3 zoo: train (or reuse) base, 4 sources, 4 DAMC adapters",
+                  unit="step") as bar:
+            zoo = build_zoo(spec, cache, bar.update)
+        timings["zoo_s"] = time.time() - t0
+        stale = prune_stale_composites(zoo, code_hash())
+        if stale:
+            echo(f"removed {len(stale)} composite cache(s) made by other versions of the package: {', '.join(stale)}")
+        bench = os.path.join(zoo, "bench-test")
+        echo(f"zoo: {zoo}\nbenchmark (held-out seed {spec.test_seed}): {bench}")
+        torch.set_num_threads(1)  # tiny models: one thread beats two fighting over small kernels
         return _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0)
     finally:
         torch.set_num_threads(threads)
+        logs.set_verbosity(verbosity)
+        if bars:
+            logs.enable_progress_bar()
+
+
+def prune_stale_composites(zoo: str, current: str) -> List[str]:
+    """Delete the zoo's `composites-<hash>` / `sources-<hash>` caches of other package code: they
+    are never read again (the hash is part of their name) and each holds a dozen composites."""
+    import shutil
+
+    stale = sorted(d for d in os.listdir(zoo) if os.path.isdir(os.path.join(zoo, d))
+                   and d.split("-")[0] in ("composites", "sources") and d.partition("-")[2] != current)
+    for d in stale:
+        shutil.rmtree(os.path.join(zoo, d))
+    return stale
 
 
 def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0) -> dict:
