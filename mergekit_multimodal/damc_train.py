@@ -86,6 +86,22 @@ def _wrap(llm: nn.Module, targets: Sequence[str], rank: int, scale: float, mask:
     return layers
 
 
+def _collate(seqs):
+    """Sequences from `_sequence`, right-padded into one batch (padding: no loss, not attended, text
+    type); a single sequence passes through unpadded, with no attention mask."""
+    if len(seqs) == 1:
+        return (*seqs[0], None)
+    width = max(e.shape[1] for e, _, _ in seqs)
+    embeds = seqs[0][0].new_zeros(len(seqs), width, seqs[0][0].shape[-1])
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, (e, m, lab) in enumerate(seqs):
+        n = e.shape[1]
+        embeds[i, :n], mask[i, :n], labels[i, :n], attention[i, :n] = e[0], m[0], lab[0], 1
+    return embeds, mask, labels, attention
+
+
 def _sequence(llm, prefix, suffix, batch: Mapping[str, torch.Tensor]):
     emb = llm.get_input_embeddings()
     prompt, target = batch["prompt_ids"].reshape(-1), batch["target_ids"].reshape(-1)
@@ -104,19 +120,23 @@ def _sequence(llm, prefix, suffix, batch: Mapping[str, torch.Tensor]):
 def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, modality: str,
                     rank: int = 8, alpha: float = 16.0, steps: int = 20, lr: float = 1e-3,
                     n_prefix: int = 5, n_suffix: int = 5, target_modules: Sequence[str] = DEFAULT_TARGETS,
-                    seed: int = 0) -> DecoupledModel:
+                    seed: int = 0, batch_size: int = 1) -> DecoupledModel:
     """Train text + modality LoRA adapters and prefix/suffix embeddings on a frozen causal LM (W0).
 
     llm: a transformers causal LM holding the shared base weights (modified in place: its targeted
         linears are wrapped). batches: dicts of `prompt_ids` [T1] (text before the item),
         `features` [F, hidden] (the item's projected features), optionally `after_ids` (text after
-        the item that is not a target, e.g. the question) and `target_ids` [T2] (the loss target); cycled for `steps` optimizer steps (Adam, one sequence per step).
+        the item that is not a target, e.g. the question) and `target_ids` [T2] (the loss target),
+        one sequence each; cycled for `steps` optimizer steps (Adam), `batch_size` sequences a step
+        (right-padded; the loss is the mean over all their target tokens).
     Returns a `DecoupledModel` for `save_decoupled`. Loss values are in `.losses`.
     """
     torch.manual_seed(seed)
     batches = list(batches)
     if not batches:
         raise ValueError("train_decoupled needs at least one batch")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     for p in llm.parameters():
         p.requires_grad_(False)
     mask = _Mask()
@@ -130,8 +150,10 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     out = DecoupledModel(llm, modality, rank, alpha, prefix, suffix, layers)
     llm.train()
     for step in range(steps):
-        embeds, mask.value, labels = _sequence(llm, prefix, suffix, batches[step % len(batches)])
-        loss = llm(inputs_embeds=embeds, labels=labels).loss
+        seqs = [_sequence(llm, prefix, suffix, batches[(step * batch_size + j) % len(batches)])
+                for j in range(batch_size)]
+        embeds, mask.value, labels, attention = _collate(seqs)
+        loss = llm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

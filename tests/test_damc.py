@@ -344,3 +344,25 @@ def test_training_sequence_with_text_after_the_item(family):
     assert torch.equal(embeds[0], want)
     assert mask[0].tolist() == [False] * 2 + [True] * 6 + [False] * 5
     assert labels[0].tolist() == [-100] * 11 + [10, 11]
+
+
+def test_a_batch_of_sequences_gives_the_token_weighted_mean_loss(family):
+    """batch_size=2, no update (lr=0): the step's loss is the mean over both sequences' target
+    tokens of the one-sequence losses, so padding neither counts nor changes what is attended."""
+    g = torch.Generator().manual_seed(3)
+    hidden = transformers.AutoConfig.from_pretrained(family.base).hidden_size
+    batches = [{"prompt_ids": torch.randint(3, V0, (n_prompt,), generator=g), "features": torch.randn(n_feat, hidden, generator=g),
+                "target_ids": torch.randint(3, V0, (n_target,), generator=g)}
+               for n_prompt, n_feat, n_target in ((2, 3, 4), (5, 4, 2))]
+
+    def loss(chosen, batch_size):
+        llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
+        return train_decoupled(llm, chosen, modality="image", rank=4, steps=1, lr=0.0, target_modules=TARGETS,
+                               seed=7, batch_size=batch_size).losses[0]
+
+    singles = [loss([b], 1) for b in batches]
+    counts = [len(b["target_ids"]) for b in batches]
+    want = sum(lo * n for lo, n in zip(singles, counts)) / sum(counts)
+    assert loss(batches, 2) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        loss(batches, 0)
