@@ -14,20 +14,23 @@ Typical use (a tiny LLaVA of the model zoo)::
     save_decoupled(trained, "damc-image")   # then YAML: adapters: damc-image (docs/damc.md)
 
 `features` are the frozen encoder + connector's outputs ([n_features, hidden], e.g. LLaVA's
-`model.get_image_features(...)`); the connector is not trained here.
+`model.get_image_features(...)`). To train the connector too (as ModelCompose does), pass it as
+`connector=` and give each batch the encoder's outputs as `encoder_features` instead;
+`save_decoupled` then also writes `connector.safetensors`, which replaces the paired model's
+connector in the composite.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mergekit_multimodal.decoupled import PREFIX_SUFFIX_FILE, TEXT_ADAPTER
+from mergekit_multimodal.decoupled import CONNECTOR_FILE, PREFIX_SUFFIX_FILE, TEXT_ADAPTER
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -71,6 +74,8 @@ class DecoupledModel:
     suffix: nn.Parameter
     layers: Dict[str, DecoupledLoRALinear] = field(default_factory=dict)  # module name -> wrapper
     losses: List[float] = field(default_factory=list)
+    connector: Optional[nn.Module] = None  # trained with the adapters, when given
+    connector_name: str = "multi_modal_projector"  # its module name in the paired MLLM
 
 
 def _wrap(llm: nn.Module, targets: Sequence[str], rank: int, scale: float, mask: _Mask) -> Dict[str, DecoupledLoRALinear]:
@@ -120,7 +125,8 @@ def _sequence(llm, prefix, suffix, batch: Mapping[str, torch.Tensor]):
 def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, modality: str,
                     rank: int = 8, alpha: float = 16.0, steps: int = 20, lr: float = 1e-3,
                     n_prefix: int = 5, n_suffix: int = 5, target_modules: Sequence[str] = DEFAULT_TARGETS,
-                    seed: int = 0, batch_size: int = 1) -> DecoupledModel:
+                    seed: int = 0, batch_size: int = 1, connector: Optional[nn.Module] = None,
+                    connector_name: str = "multi_modal_projector") -> DecoupledModel:
     """Train text + modality LoRA adapters and prefix/suffix embeddings on a frozen causal LM (W0).
 
     llm: a transformers causal LM holding the shared base weights (modified in place: its targeted
@@ -129,6 +135,9 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         the item that is not a target, e.g. the question) and `target_ids` [T2] (the loss target),
         one sequence each; cycled for `steps` optimizer steps (Adam), `batch_size` sequences a step
         (right-padded; the loss is the mean over all their target tokens).
+    connector: the paired MLLM's connector module, trained too (updated in place); batches then
+        give `encoder_features` [F, encoder width] in place of `features`. `connector_name` is its
+        module name in the MLLM (LLaVA, Qwen2-Audio, Mistral3, Voxtral: `multi_modal_projector`).
     Returns a `DecoupledModel` for `save_decoupled`. Loss values are in `.losses`.
     """
     torch.manual_seed(seed)
@@ -146,11 +155,28 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     prefix = nn.Parameter(0.02 * torch.randn(n_prefix, hidden, dtype=dtype))
     suffix = nn.Parameter(0.02 * torch.randn(n_suffix, hidden, dtype=dtype))
     params = [prefix, suffix] + [p for wrap in layers.values() for p in (*wrap.A, *wrap.B)]
+    if connector is not None:
+        missing = [i for i, b in enumerate(batches) if "encoder_features" not in b]
+        if missing:
+            raise ValueError(f"with connector=, every batch needs `encoder_features` (batch {missing[0]} has none)")
+        for p in connector.parameters():
+            p.requires_grad_(True)
+        params += list(connector.parameters())
+        connector.train()
     opt = torch.optim.Adam(params, lr=lr)
-    out = DecoupledModel(llm, modality, rank, alpha, prefix, suffix, layers)
+    out = DecoupledModel(llm, modality, rank, alpha, prefix, suffix, layers, connector=connector,
+                         connector_name=connector_name)
     llm.train()
+
+    def item(batch):
+        if connector is None:
+            return batch
+        enc = batch["encoder_features"]
+        enc = enc.to(next(connector.parameters()).dtype)
+        return {**batch, "features": connector(enc.reshape(-1, enc.shape[-1]))}
+
     for step in range(steps):
-        seqs = [_sequence(llm, prefix, suffix, batches[(step * batch_size + j) % len(batches)])
+        seqs = [_sequence(llm, prefix, suffix, item(batches[(step * batch_size + j) % len(batches)]))
                 for j in range(batch_size)]
         embeds, mask.value, labels, attention = _collate(seqs)
         loss = llm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
@@ -160,13 +186,16 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         out.losses.append(loss.detach().item())
     mask.value = None
     llm.eval()
+    if connector is not None:
+        connector.eval()
     return out
 
 
 def save_decoupled(trained: DecoupledModel, out_dir: str) -> str:
     """Write the PEFT two-adapter form read by `merge_method: damc` (docs/damc.md):
     `out_dir/text/`, `out_dir/<modality>/` (adapter_config.json + adapter_model.safetensors) and
-    `out_dir/prefix_suffix.safetensors`."""
+    `out_dir/prefix_suffix.safetensors`; with a trained connector, `out_dir/connector.safetensors`
+    (`<connector_name>.<param>`: the paired model's own names)."""
     from peft import LoraConfig
 
     targets = sorted({name.rsplit(".", 1)[-1] for name in trained.layers})
@@ -182,4 +211,7 @@ def save_decoupled(trained: DecoupledModel, out_dir: str) -> str:
     save_file({f"prefix_tokens.{trained.modality}": trained.prefix.detach().contiguous(),
                f"suffix_tokens.{trained.modality}": trained.suffix.detach().contiguous()},
               os.path.join(out_dir, PREFIX_SUFFIX_FILE))
+    if trained.connector is not None:
+        save_file({f"{trained.connector_name}.{k}": v.detach().contiguous()
+                   for k, v in trained.connector.state_dict().items()}, os.path.join(out_dir, CONNECTOR_FILE))
     return out_dir

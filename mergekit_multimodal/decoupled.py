@@ -8,7 +8,9 @@ on-disk forms are read, both into one `DecoupledSource`:
   `save_pretrained` writes for a model holding adapters `text` and `<modality>`):
   `DIR/text/{adapter_config.json,adapter_model.safetensors}`,
   `DIR/<modality>/{...}`, and `DIR/prefix_suffix.safetensors` (`prefix_tokens.<m>`, `suffix_tokens.<m>`).
-  An adapter named `default` at DIR itself is taken as the text adapter.
+  An adapter named `default` at DIR itself is taken as the text adapter. Optionally
+  `DIR/connector.safetensors`: a connector trained with the adapters, in the paired model's own
+  tensor names (`multi_modal_projector.linear_1.weight` ...), which replaces that model's connector.
 * **ModelCompose release** (Chen et al., 2024): `DIR/adapter_model.bin`, a torch pickle with
   `model.layers.{i}.<module>.lora_A.default.weight` (text), `...lora_A.<modality>.weight`,
   `model.modal_projectors.<modality>.*`, `prefix_tokens.<modality>`, `suffix_tokens.<modality>`;
@@ -31,6 +33,7 @@ from safetensors.torch import load_file
 from mergekit_multimodal.errors import CompositionError
 
 PREFIX_SUFFIX_FILE = "prefix_suffix.safetensors"
+CONNECTOR_FILE = "connector.safetensors"
 TEXT_ADAPTER = "text"
 _PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -87,6 +90,7 @@ class DecoupledSource:
     prefix: Optional[torch.Tensor] = None  # [n_prefix, hidden]
     suffix: Optional[torch.Tensor] = None
     projector: Dict[str, torch.Tensor] = field(default_factory=dict)  # ModelCompose: modal_projectors.<m>.*
+    connector: Dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT form: connector.safetensors
     encoders: Dict[str, str] = field(default_factory=dict)  # ModelCompose config.json: mm_*_encoder
 
 
@@ -220,6 +224,12 @@ def _read_peft(directory: str, modality: str, name_map, adapter: Optional[str]) 
     if os.path.exists(ps):
         tokens = load_file(ps)
         src.prefix, src.suffix = _tokens(tokens, adapter, modality, ps)
+    conn = os.path.join(directory, CONNECTOR_FILE)
+    if os.path.exists(conn):
+        try:
+            src.connector = load_file(conn)
+        except Exception as exc:
+            raise CompositionError(f"{conn}: unreadable ({type(exc).__name__}: {exc})") from None
     return src
 
 
@@ -277,6 +287,26 @@ def _read_modelcompose(directory: str, modality: str, name_map, adapter: Optiona
 #: ModelCompose's mlp2x_gelu projector (Sequential: Linear, GELU, Linear) onto transformers' LLaVA connector
 _LLAVA_PROJECTOR = {"0.weight": "multi_modal_projector.linear_1.weight", "0.bias": "multi_modal_projector.linear_1.bias",
                     "2.weight": "multi_modal_projector.linear_2.weight", "2.bias": "multi_modal_projector.linear_2.bias"}
+
+
+def connector_overrides(src: DecoupledSource, connector_names, shapes, where: str) -> Dict[str, torch.Tensor]:
+    """A PEFT-form source's trained connector onto the paired model's connector tensors. Names
+    match with or without the transformers-5 `model.` prefix, so either layout pairs with either."""
+    if not src.connector:
+        return {}
+    by_short = {n.removeprefix("model."): n for n in connector_names}
+    out = {}
+    for k, t in src.connector.items():
+        hit = by_short.get(k.removeprefix("model."))
+        if hit is None:
+            have = ", ".join(sorted(by_short)) or "none"
+            raise CompositionError(f"{where}: {CONNECTOR_FILE} tensor {k!r} is not a connector tensor of the "
+                                   f"paired model (its connector tensors: {have})")
+        if tuple(shapes[hit][0]) != tuple(t.shape):
+            raise CompositionError(f"{where}: {CONNECTOR_FILE} tensor {k!r} has shape {list(t.shape)}, the paired "
+                                   f"model's {hit!r} has {list(shapes[hit][0])}")
+        out[hit] = t
+    return out
 
 
 def projector_overrides(src: DecoupledSource, family: str, names, shapes, where: str) -> Dict[str, torch.Tensor]:

@@ -16,8 +16,8 @@ from mergekit.options import MergeOptions
 
 from mergekit_multimodal.checkpoint import Checkpoint
 from mergekit_multimodal.config import CompositeMergeConfig
-from mergekit_multimodal.decoupled import DecoupledSource, projector_overrides, read_decoupled
-from mergekit_multimodal.families import LLM
+from mergekit_multimodal.decoupled import DecoupledSource, connector_overrides, projector_overrides, read_decoupled
+from mergekit_multimodal.families import CONNECTOR, LLM
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.methods import CompositeMethod, get_method
 from mergekit_multimodal.vocab import EMBED, HEAD, VocabPlan, load_tokenizer, plan_vocabulary
@@ -197,5 +197,6 @@ def _read_decoupled_sources(config, base: Checkpoint, sources: List[Checkpoint],
                 "encoder and `adapters:` to the ModelCompose directory")
         decoupled.append(dec)
         names = [n for ns in src.parts.values() for n in ns]
-        overrides.append(projector_overrides(dec, src.layout.family.name, names, src.shapes, where))
+        overrides.append({**projector_overrides(dec, src.layout.family.name, names, src.shapes, where),
+                          **connector_overrides(dec, src.parts.get(CONNECTOR, []), src.shapes, where)})
     return decoupled, overrides

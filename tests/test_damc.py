@@ -366,3 +366,57 @@ def test_a_batch_of_sequences_gives_the_token_weighted_mean_loss(family):
     assert loss(batches, 2) == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="batch_size"):
         loss(batches, 0)
+
+
+def test_connector_trained_with_the_adapters_replaces_the_paired_connector(family, tmp_path):
+    """train_decoupled(connector=...) updates the LLaVA connector; save_decoupled writes it in the
+    paired model's names; the damc composite carries it instead of the paired model's, and the
+    loader runs with it. The vision tower stays the paired model's."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
+    mllm = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"])
+    conn = copy.deepcopy(mllm.model.multi_modal_projector)
+    before = {k: v.clone() for k, v in conn.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    batches = [{"prompt_ids": torch.randint(3, V0, (3,), generator=g),
+                "encoder_features": torch.randn(4, mllm.config.vision_config.hidden_size, generator=g),
+                "target_ids": torch.randint(3, V0, (4,), generator=g)}]
+    trained = train_decoupled(llm, batches, modality="image", rank=4, alpha=8, steps=6, lr=5e-2,
+                              target_modules=TARGETS, connector=conn)
+    assert trained.losses[-1] < trained.losses[0]
+    assert all(not torch.equal(before[k], v) for k, v in conn.state_dict().items())
+    adapters = save_decoupled(trained, str(tmp_path / "ad"))
+    saved = load_file(f"{adapters}/connector.safetensors")
+    assert set(saved) == {f"multi_modal_projector.{k}" for k in before}
+
+    cfg = {"merge_method": "damc", "base_model": str(family.base),
+           "models": [{"model": str(family.sources["llava"]), "modality": "image", "adapters": adapters}]}
+    out = compose(cfg, str(tmp_path / "c"))
+    stored = read_dir(tmp_path / "c" / "modalities" / "image")
+    paired = read_dir(family.sources["llava"])
+    for k, t in saved.items():
+        torch.testing.assert_close(stored[k], t, rtol=0, atol=0)
+    vision = [k for k in stored if k.startswith("vision_tower.")]
+    assert vision and all(torch.equal(stored[k], paired[k]) for k in vision)
+    loaded = CompositeModel.from_pretrained(out).encoders["image"].model.model.multi_modal_projector.state_dict()
+    for k, t in conn.state_dict().items():
+        torch.testing.assert_close(loaded[k], t, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="encoder_features"):
+        train_decoupled(transformers.AutoModelForCausalLM.from_pretrained(family.base),
+                        [{"prompt_ids": batches[0]["prompt_ids"], "features": torch.randn(2, 16),
+                          "target_ids": batches[0]["target_ids"]}], modality="image", connector=conn)
+    bad = dict(saved)
+    bad["multi_modal_projector.linear_9.weight"] = bad.pop("multi_modal_projector.linear_2.weight")
+    save_file(bad, f"{adapters}/connector.safetensors")
+    with pytest.raises(CompositionError, match=r"'multi_modal_projector.linear_9.weight' is not a connector tensor"):
+        compose(cfg, str(tmp_path / "c2"))
+    bad = dict(saved)
+    bad["multi_modal_projector.linear_2.weight"] = bad["multi_modal_projector.linear_2.weight"][:, :3].contiguous()
+    save_file(bad, f"{adapters}/connector.safetensors")
+    with pytest.raises(CompositionError, match="has shape"):
+        compose(cfg, str(tmp_path / "c3"))
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
