@@ -141,6 +141,11 @@ def test_blocked_route_weights_equal_the_numpy_formula(monkeypatch, in_features)
             w = W + (scales[r - 1] * masks[r - 1].numpy() - alpha) * tau.numpy()
             bias = b + (scales[r - 1] * masks_b[r - 1].numpy() - alpha) * tau_b.numpy()
         np.testing.assert_allclose(y[0, t], w @ x[0, t].numpy() + bias, rtol=1e-5, atol=1e-5)
+    state.whole = 1  # one route for the whole input: the single-route blocked path
+    y = routed(x).detach().numpy()
+    w = W + (scales[0] * masks[0].numpy() - alpha) * tau.numpy()
+    bias = b + (scales[0] * masks_b[0].numpy() - alpha) * tau_b.numpy()
+    np.testing.assert_allclose(y[0], x[0].numpy() @ w.T + bias, rtol=1e-5, atol=1e-5)
 
 
 def test_whole_input_route_equals_the_source_model_for_its_modality(family, tmp_path):

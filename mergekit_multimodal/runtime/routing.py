@@ -5,7 +5,8 @@ builds a route's weight (`apply(base, route)`) or, when low-rank, its output (`r
 for MMER (`RouteDelta`) the task vector tau_* plus each modality's 1-bit mask; for DAMC
 (`LowRankDelta`, `DenseDelta` when densified) LoRA factors or dense deltas. A modality's weight delta
 (scale_m * mask_m - alpha) * tau_* is unpacked on the fly for the tokens of that modality only,
-so no full copy of the LLM per route stays resident (docs/runtime.md). Tokens are assigned to
+so no full copy of the LLM per route stays resident (docs/runtime.md); on CPU it is built a
+cache-sized block of rows at a time, all routes sharing each block. Tokens are assigned to
 routes by a `RouteState` the composite model fills before each forward: route 0 is text.
 During cached decoding the new tokens do not match the prefill's route map and take the text
 route, as DAMC and MMER prescribe for generated tokens.
@@ -96,18 +97,21 @@ class RouteDelta(nn.Module):
         """base + delta_m as a new tensor, in two passes (coefficient lookup, addcmul)."""
         return torch.addcmul(base, self.coefficients(route), self.tau)
 
-    def linear_blocked(self, x: torch.Tensor, base: torch.Tensor, route: int, block: int) -> torch.Tensor:
-        """x @ (base + delta_m)^T built `block` output rows at a time (block % 8 == 0, so each block
-        starts on a byte of the packed mask): each block's coefficients and weight stay in the CPU
-        cache for its matmul instead of making three round trips to memory as whole tensors."""
-        packed = getattr(self, f"mask{route - 1}").reshape(-1).int()  # converted once, not per block
+    def linear_blocked(self, xs: Dict[int, torch.Tensor], base: torch.Tensor, block: int) -> Dict[int, torch.Tensor]:
+        """{route: x @ (base + delta_route)^T} with each route's weight built `block` output rows at
+        a time (block % 8 == 0, so each block starts on a byte of the packed masks). A block of base
+        and tau_* is read from memory once and stays in the CPU cache while every route builds its
+        rows and multiplies its tokens, instead of three whole-weight round trips per route."""
+        packed = {r: getattr(self, f"mask{r - 1}").reshape(-1).int() for r in xs}  # converted once, not per block
         rows, cols = base.shape
-        outs = []
+        outs: Dict[int, List[torch.Tensor]] = {r: [] for r in xs}
         for start in range(0, rows, block):
             end = min(start + block, rows)
-            coeff = self.coefficients(route, packed[start * cols // 8:(end * cols + 7) // 8], (end - start, cols))
-            outs.append(F.linear(x, torch.addcmul(base[start:end], coeff, self.tau[start:end])))
-        return torch.cat(outs, dim=-1)
+            base_rows, tau_rows = base[start:end], self.tau[start:end]
+            for r, x in xs.items():
+                coeff = self.coefficients(r, packed[r][start * cols // 8:(end * cols + 7) // 8], (end - start, cols))
+                outs[r].append(F.linear(x, torch.addcmul(base_rows, coeff, tau_rows)))
+        return {r: torch.cat(o, dim=-1) for r, o in outs.items()}
 
     def delta(self, route: int) -> torch.Tensor:
         return self.apply(torch.zeros_like(self.tau), route)
@@ -200,6 +204,18 @@ class RoutedLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # code that inspects layers (e.g. dtype/device lookups) sees the merged weight
         return self.linear.weight
 
+    def _block(self) -> Optional[int]:
+        """Rows per block when routes' weights are built blockwise (CPU, MMER), else None."""
+        w = self.linear.weight
+        if w.device.type != "cpu" or not isinstance(self.weight_delta, RouteDelta):
+            return None
+        block = max(8, BLOCK_ELEMENTS // w.shape[1] // 8 * 8)
+        return block if block < w.shape[0] else None
+
+    def _bias(self, route: int) -> Optional[torch.Tensor]:
+        b = self.linear.bias
+        return self.bias_delta.apply(b, route) if b is not None and self.bias_delta is not None else b
+
     def _route_linear(self, x: torch.Tensor, route: int) -> torch.Tensor:
         route_out = getattr(self.weight_delta, "route_out", None)
         if route_out is not None and route not in self.state.keep:  # low-rank delta: x W^T + x A^T B^T
@@ -209,15 +225,11 @@ class RoutedLinear(nn.Module):
         kept = self.__dict__.setdefault("_kept", {})  # plain dict: kept weights are a cache, not state
         if route in kept:
             return F.linear(x, *kept[route])
-        w = self.linear.weight
-        if w.device.type == "cpu" and route not in self.state.keep and isinstance(self.weight_delta, RouteDelta):
-            block = max(8, BLOCK_ELEMENTS // w.shape[1] // 8 * 8)
-            if block < w.shape[0]:  # CPU: build and use the route's weight a cache-sized block at a time
-                y = self.weight_delta.linear_blocked(x, w, route, block)
-                b = self.linear.bias
-                if b is not None:
-                    y = y + (self.bias_delta.apply(b, route) if self.bias_delta is not None else b)
-                return y
+        block = self._block() if route not in self.state.keep else None
+        if block:  # CPU: build and use the route's weight a cache-sized block at a time
+            y = self.weight_delta.linear_blocked({route: x}, self.linear.weight, block)[route]
+            b = self._bias(route)
+            return y if b is None else y + b
         w = self.weight_delta.apply(self.linear.weight, route)
         b = self.linear.bias
         if b is not None:
@@ -234,8 +246,15 @@ class RoutedLinear(nn.Module):
             return F.linear(x, self.linear.weight, self.linear.bias)  # (skips a module call: decode speed)
         flat = x.reshape(-1, x.shape[-1])
         y = flat.new_empty(flat.shape[0], self.linear.out_features)
+        block = self._block()
+        together = {r: flat.index_select(0, rows) for r, rows in st.rows.items()
+                    if r and rows.numel() and r not in st.keep} if block else {}
+        if together:  # every route's rows built from one cached block of the weight (CPU)
+            for r, out in self.weight_delta.linear_blocked(together, self.linear.weight, block).items():
+                b = self._bias(r)
+                y.index_copy_(0, st.rows[r], out if b is None else out + b)
         for r, rows in st.rows.items():
-            if rows.numel():
+            if rows.numel() and r not in together:
                 xs = flat.index_select(0, rows)
                 y.index_copy_(0, rows, self.linear(xs) if r == 0 else self._route_linear(xs, r))
         return y.reshape(*x.shape[:-1], -1)
