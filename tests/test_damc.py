@@ -249,8 +249,12 @@ def test_dense_source_deltas_compose_like_their_lora_form(family, sources, tmp_p
 
 # -- ModelCompose release layout -------------------------------------------------------------------
 
-def _modelcompose(family, d, seed=3, r=4, alpha=8):
-    """A ModelCompose-style release written with the documented key names (torch pickle)."""
+def _modelcompose(family, d, seed=3, r=4, alpha=8, adapters=("default", "vision"), config=None, split=False):
+    """A release as ModelCompose's train_multimodal.py writes it (torch pickle, no PEFT prefix):
+    LoRA `lora_A.<adapter>` per module, `model.modal_projectors.vision.{0,2}` (mlp2x_gelu), prefix /
+    suffix tokens [1, n, hidden] (`prefix_tokens.default` too, which is never used); config.json with
+    the encoder and lora_r / lora_alpha. split=True moves the non-LoRA tensors to
+    non_lora_trainables.bin with PEFT's `base_model.model.` prefix, as its LLaVA converter does."""
     g = torch.Generator().manual_seed(seed)
     base = read_dir(family.base)
     llava = read_dir(family.sources["llava"])
@@ -258,21 +262,28 @@ def _modelcompose(family, d, seed=3, r=4, alpha=8):
     for i in range(2):
         for mod in ("self_attn.q_proj", "mlp.up_proj"):
             out_f, in_f = base[f"model.layers.{i}.{mod}.weight"].shape
-            for adapter in ("default", "vision"):
+            for adapter in adapters:
                 sd[f"model.layers.{i}.{mod}.lora_A.{adapter}.weight"] = 0.2 * torch.randn(r, in_f, generator=g)
                 sd[f"model.layers.{i}.{mod}.lora_B.{adapter}.weight"] = 0.2 * torch.randn(out_f, r, generator=g)
+    other = {}
     for src, dst in (("linear_1", "0"), ("linear_2", "2")):
         for p in ("weight", "bias"):
             t = llava[f"multi_modal_projector.{src}.{p}"]
-            sd[f"model.modal_projectors.vision.{dst}.{p}"] = t + 0.1 * torch.randn(t.shape, generator=g)
+            other[f"model.modal_projectors.vision.{dst}.{p}"] = t + 0.1 * torch.randn(t.shape, generator=g)
     hidden = base["model.embed_tokens.weight"].shape[1]
-    sd["prefix_tokens.vision"] = torch.randn(5, hidden, generator=g)
-    sd["suffix_tokens.vision"] = torch.randn(5, hidden, generator=g)
+    for name in ("vision", "default"):
+        other[f"prefix_tokens.{name}"] = torch.randn(1, 5, hidden, generator=g)
+        other[f"suffix_tokens.{name}"] = torch.randn(1, 5, hidden, generator=g)
     d.mkdir()
+    if split:
+        torch.save({f"base_model.model.{k}": v for k, v in other.items()}, d / "non_lora_trainables.bin")
+    else:
+        sd.update(other)
     torch.save(sd, d / "adapter_model.bin")
-    (d / "config.json").write_text(json.dumps({"mm_vision_encoder": "openai/clip-vit-large-patch14-336",
-                                               "lora_r": r, "lora_alpha": alpha}))
-    return sd
+    cfg = {"mm_vision_encoder": "openai/clip-vit-large-patch14-336", "mm_audio_encoder": None,
+           "lora_r": r, "lora_alpha": alpha, "mm_projector_type": "mlp2x_gelu", **(config or {})}
+    (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v != "<absent>"}))
+    return {**sd, **other}
 
 
 def test_modelcompose_release_composes_and_runs(family, tmp_path):
@@ -295,8 +306,75 @@ def test_modelcompose_release_composes_and_runs(family, tmp_path):
     model = CompositeModel.from_pretrained(out)
     got, embeds, mask, rids = _run(model, out, "w1 <image> w2", {"image": media_for("llava")})
     first = int((rids[0] == 1).nonzero()[0])
-    torch.testing.assert_close(embeds[0, first:first + 5], sd["prefix_tokens.vision"])
+    torch.testing.assert_close(embeds[0, first:first + 5], sd["prefix_tokens.vision"][0])
     torch.testing.assert_close(got.double(), ref.logits(embeds, mask, rids), rtol=1e-4, atol=1e-4)
+
+
+def _read_mc(d, modality="image"):
+    from mergekit_multimodal.decoupled import read_decoupled
+
+    return read_decoupled(str(d), modality, lambda name: name)
+
+
+def _dense(lr, name, sd, adapter, scale):
+    want = scale * (sd[f"{name}.lora_B.{adapter}.weight"] @ sd[f"{name}.lora_A.{adapter}.weight"])
+    torch.testing.assert_close(lr.dense(), want)
+
+
+def test_modelcompose_lora_strategies(family, tmp_path):
+    """modal+language: text = `default`, modality = `vision`; modal: no text adapter (text on W0);
+    same: one `default` adapter for both. lora_alpha from config.json, else ModelCompose's default 256,
+    over each lora_A's rank."""
+    q = "model.layers.0.self_attn.q_proj"
+    sd = _modelcompose(family, tmp_path / "both", config={"lora_strategy": "modal+language"})
+    src = _read_mc(tmp_path / "both")
+    assert src.adapter == "vision" and set(src.text) == set(src.modality) and len(src.text) == 4
+    _dense(src.text[f"{q}.weight"], q, sd, "default", 2.0)
+    _dense(src.modality[f"{q}.weight"], q, sd, "vision", 2.0)
+    assert src.prefix.shape == (5, sd["prefix_tokens.vision"].shape[-1])
+    torch.testing.assert_close(src.prefix, sd["prefix_tokens.vision"][0])
+
+    sd = _modelcompose(family, tmp_path / "modal", adapters=("vision",), config={"lora_strategy": "modal"})
+    src = _read_mc(tmp_path / "modal")
+    assert src.text == {} and len(src.modality) == 4
+    _dense(src.modality[f"{q}.weight"], q, sd, "vision", 2.0)
+    cfg = {"merge_method": "damc", "base_model": str(family.base), "models": [
+        {"model": str(family.sources["llava"]), "modality": "image", "adapters": str(tmp_path / "modal")}]}
+    out = compose(cfg, str(tmp_path / "c-modal"))
+    routes = read_dir(f"{out}/routes")
+    assert not any(k.startswith("text/") for k in routes) and any(k.startswith("image/") for k in routes)
+
+    sd = _modelcompose(family, tmp_path / "same", adapters=("default",),
+                       config={"lora_strategy": "same", "lora_r": "<absent>", "lora_alpha": "<absent>"})
+    src = _read_mc(tmp_path / "same")
+    assert src.adapter == "vision"
+    _dense(src.text[f"{q}.weight"], q, sd, "default", 256 / 4)  # default lora_alpha / rank of lora_A
+    _dense(src.modality[f"{q}.weight"], q, sd, "default", 256 / 4)
+
+
+def test_modelcompose_non_lora_trainables_and_projector_type(family, tmp_path):
+    sd = _modelcompose(family, tmp_path / "split", split=True)
+    src = _read_mc(tmp_path / "split")
+    torch.testing.assert_close(src.projector["0.weight"], sd["model.modal_projectors.vision.0.weight"])
+    torch.testing.assert_close(src.suffix, sd["suffix_tokens.vision"][0])
+    _modelcompose(family, tmp_path / "linear", config={"mm_projector_type": "linear"})
+    cfg = {"merge_method": "damc", "base_model": str(family.base), "models": [
+        {"model": str(family.sources["llava"]), "modality": "image", "adapters": str(tmp_path / "linear")}]}
+    with pytest.raises(CompositionError, match="projector type 'linear'"):
+        compose(cfg, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_composed_modelcompose_checkpoints_are_refused(family, tmp_path):
+    _modelcompose(family, tmp_path / "merged", adapters=("default-vision", "default-audio", "vision", "audio"))
+    with pytest.raises(CompositionError, match="composed ModelCompose checkpoint.*default-audio, default-vision"):
+        _read_mc(tmp_path / "merged")
+    _modelcompose(family, tmp_path / "two", config={"mm_audio_encoder": "BEATs"})
+    with pytest.raises(CompositionError, match="composed ModelCompose checkpoint"):
+        _read_mc(tmp_path / "two")
+    _modelcompose(family, tmp_path / "odd", config={"lora_strategy": "mixture"})
+    with pytest.raises(CompositionError, match="lora_strategy 'mixture'"):
+        _read_mc(tmp_path / "odd")
 
 
 def test_modelcompose_dir_as_model_is_refused_clearly(family, tmp_path):
