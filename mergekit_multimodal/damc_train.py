@@ -98,9 +98,10 @@ def _collate(seqs):
         return (*seqs[0], None)
     width = max(e.shape[1] for e, _, _ in seqs)
     embeds = seqs[0][0].new_zeros(len(seqs), width, seqs[0][0].shape[-1])
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    device = embeds.device
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool, device=device)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long, device=device)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
     for i, (e, m, lab) in enumerate(seqs):
         n = e.shape[1]
         embeds[i, :n], mask[i, :n], labels[i, :n], attention[i, :n] = e[0], m[0], lab[0], 1
@@ -115,9 +116,10 @@ def _sequence(llm, prefix, suffix, batch: Mapping[str, torch.Tensor]):
     after = emb(after.reshape(-1)) if after is not None else feats[:0]
     parts = [emb(prompt), prefix, feats, suffix, after, emb(target)]
     n_mod = prefix.shape[0] + feats.shape[0] + suffix.shape[0]
-    mask = torch.zeros(sum(p.shape[0] for p in parts), dtype=torch.bool)
+    device = prefix.device
+    mask = torch.zeros(sum(p.shape[0] for p in parts), dtype=torch.bool, device=device)
     mask[len(prompt):len(prompt) + n_mod] = True
-    labels = torch.full((mask.shape[0],), -100, dtype=torch.long)
+    labels = torch.full((mask.shape[0],), -100, dtype=torch.long, device=device)
     labels[-len(target):] = target
     return torch.cat(parts).unsqueeze(0), mask.unsqueeze(0), labels.unsqueeze(0)
 
@@ -136,8 +138,10 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         one sequence each; cycled for `steps` optimizer steps (Adam), `batch_size` sequences a step
         (right-padded; the loss is the mean over all their target tokens).
     connector: the paired MLLM's connector module, trained too (updated in place); batches then
-        give `encoder_features` [F, encoder width] in place of `features`. `connector_name` is its
-        module name in the MLLM (LLaVA, Qwen2-Audio, Mistral3, Voxtral: `multi_modal_projector`).
+        give `encoder_features` (what the connector's forward takes, e.g. [F, encoder width] for
+        LLaVA) in place of `features`, and `connector_kwargs` if its forward needs more (Mistral3:
+        `{"image_sizes": ...}`). `connector_name` is its module name in the MLLM
+        (`multi_modal_projector` in LLaVA, Qwen2-Audio, Mistral3, Voxtral).
     Returns a `DecoupledModel` for `save_decoupled`. Loss values are in `.losses`.
     """
     torch.manual_seed(seed)
@@ -171,9 +175,9 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     def item(batch):
         if connector is None:
             return batch
-        enc = batch["encoder_features"]
-        enc = enc.to(next(connector.parameters()).dtype)
-        return {**batch, "features": connector(enc.reshape(-1, enc.shape[-1]))}
+        enc = batch["encoder_features"].to(next(connector.parameters()).dtype)
+        feats = connector(enc, **batch.get("connector_kwargs", {}))  # e.g. Mistral3's image_sizes
+        return {**batch, "features": feats.reshape(-1, feats.shape[-1])}
 
     for step in range(steps):
         seqs = [_sequence(llm, prefix, suffix, item(batches[(step * batch_size + j) % len(batches)]))

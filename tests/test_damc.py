@@ -498,3 +498,65 @@ def test_connector_trained_with_the_adapters_replaces_the_paired_connector(famil
     with pytest.raises(CompositionError, match="has shape"):
         compose(cfg, str(tmp_path / "c3"))
     assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
+
+
+def test_collated_batch_keeps_each_tokens_adapter(family):
+    """With non-zero, different text and modality adapters, the right-padded batch's loss is the
+    target-token-weighted mean of the one-sequence losses: every real token kept its type."""
+    from mergekit_multimodal.damc_train import _Mask, _collate, _sequence, _wrap
+
+    g = torch.Generator().manual_seed(4)
+    llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
+    hidden = llm.config.hidden_size
+    mask = _Mask()
+    for wrap in _wrap(llm, TARGETS, 4, 2.0, mask).values():
+        for b in wrap.B:
+            b.data = 0.3 * torch.randn(b.shape, generator=g)
+    prefix, suffix = torch.randn(2, hidden, generator=g), torch.randn(3, hidden, generator=g)
+    batches = [{"prompt_ids": torch.randint(3, V0, (n_p,), generator=g), "features": torch.randn(n_f, hidden, generator=g),
+                "target_ids": torch.randint(3, V0, (n_t,), generator=g)} for n_p, n_f, n_t in ((2, 3, 4), (6, 5, 2))]
+    seqs = [_sequence(llm, prefix, suffix, b) for b in batches]
+    singles = []
+    with torch.no_grad():
+        for e, m, lab in seqs:
+            mask.value = m
+            singles.append(llm(inputs_embeds=e, labels=lab).loss.item())
+        embeds, mask.value, labels, attention = _collate(seqs)
+        batched = llm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss.item()
+        mask.value = torch.zeros_like(mask.value)  # all tokens on the text adapter: a different loss
+        all_text = llm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss.item()
+    counts = [len(b["target_ids"]) for b in batches]
+    assert batched == pytest.approx(sum(lo * n for lo, n in zip(singles, counts)) / sum(counts), rel=1e-5)
+    assert abs(all_text - batched) > 1e-3
+
+
+def test_connector_names_match_across_layouts():
+    """A legacy-named connector.safetensors pairs with a transformers-5 checkpoint and back."""
+    from mergekit_multimodal.decoupled import DecoupledSource, connector_overrides
+
+    t = torch.zeros(3, 2)
+    for given, names in ((["multi_modal_projector.linear_1.weight"], ["model.multi_modal_projector.linear_1.weight"]),
+                         (["model.multi_modal_projector.linear_1.weight"], ["multi_modal_projector.linear_1.weight"])):
+        src = DecoupledSource("d", "peft", "image", connector={given[0]: t})
+        assert list(connector_overrides(src, names, {names[0]: ((3, 2), torch.float32)}, "w")) == names
+
+
+def test_connector_kwargs_reach_the_connector(mistral_family):
+    """Mistral3's projector merges patches by image size: `connector_kwargs` pass image_sizes on."""
+    import copy
+
+    llm = transformers.AutoModelForCausalLM.from_pretrained(mistral_family.base)
+    mllm = transformers.Mistral3ForConditionalGeneration.from_pretrained(mistral_family.sources["mistral3"])
+    conn = copy.deepcopy(mllm.model.multi_modal_projector)
+    side = mllm.config.vision_config.patch_size
+    g = torch.Generator().manual_seed(6)
+    batch = {"prompt_ids": torch.randint(3, V0, (3,), generator=g),
+             "encoder_features": torch.randn(16, mllm.config.vision_config.hidden_size, generator=g),  # 4 x 4 patches
+             "connector_kwargs": {"image_sizes": torch.tensor([[4 * side, 4 * side]])},
+             "target_ids": torch.randint(3, V0, (4,), generator=g)}
+    before = conn.linear_1.weight.clone()
+    trained = train_decoupled(llm, [batch], modality="image", rank=4, steps=4, lr=5e-2, target_modules=TARGETS,
+                              connector=conn)
+    assert trained.losses[-1] < trained.losses[0] and not torch.equal(before, conn.linear_1.weight)
+    with torch.no_grad():  # 16 patches merged 2 x 2: 4 features
+        assert conn(batch["encoder_features"], **batch["connector_kwargs"]).reshape(-1, llm.config.hidden_size).shape[0] == 4

@@ -121,6 +121,9 @@ def test_blocked_route_weights_equal_the_numpy_formula(monkeypatch, in_features)
     from mergekit_multimodal.runtime import routing
 
     monkeypatch.setattr(routing, "BLOCK_ELEMENTS", 8 * in_features)
+    calls = []
+    blocked = RouteDelta.linear_blocked
+    monkeypatch.setattr(RouteDelta, "linear_blocked", lambda self, xs, *a: calls.append(sorted(xs)) or blocked(self, xs, *a))
     g = torch.Generator().manual_seed(1)
     lin = torch.nn.Linear(in_features, 20)
     tau, tau_b = torch.randn(20, in_features, generator=g), torch.randn(20, generator=g)
@@ -141,11 +144,16 @@ def test_blocked_route_weights_equal_the_numpy_formula(monkeypatch, in_features)
             w = W + (scales[r - 1] * masks[r - 1].numpy() - alpha) * tau.numpy()
             bias = b + (scales[r - 1] * masks_b[r - 1].numpy() - alpha) * tau_b.numpy()
         np.testing.assert_allclose(y[0, t], w @ x[0, t].numpy() + bias, rtol=1e-5, atol=1e-5)
-    state.whole = 1  # one route for the whole input: the single-route blocked path
+    assert calls == [[1, 2]]  # both routes in one pass over the blocks
+    state.keep = frozenset({2})  # route 2 resident (speed option): built whole, route 1 still blockwise
+    np.testing.assert_allclose(routed(x).detach().numpy(), y, rtol=1e-5, atol=1e-5)
+    assert calls[-1] == [1]
+    state.keep, state.whole = frozenset(), 1  # one route for the whole input: the single-route blocked path
     y = routed(x).detach().numpy()
     w = W + (scales[0] * masks[0].numpy() - alpha) * tau.numpy()
     bias = b + (scales[0] * masks_b[0].numpy() - alpha) * tau_b.numpy()
     np.testing.assert_allclose(y[0], x[0].numpy() @ w.T + bias, rtol=1e-5, atol=1e-5)
+    assert calls[-1] == [1]
 
 
 def test_whole_input_route_equals_the_source_model_for_its_modality(family, tmp_path):

@@ -86,8 +86,12 @@ def test_the_story_restores_transformers_logging(story):
 def test_stale_composite_caches_are_pruned(tmp_path):
     from mergekit_multimodal.zoo.story import prune_stale_composites
 
-    for d in ("composites-aaaa", "composites-bbbb", "sources-aaaa", "sources-cccc", "bench-test", "base"):
+    cur, old, other = "a" * 10, "b" * 10, "c" * 10
+    names = [f"composites-{cur}", f"composites-{old}", f"sources-{cur}", f"sources-{old}", f"sources-{other}",
+             "sources-mine", "bench-test", "base"]
+    for d in names:
         (tmp_path / d).mkdir()
-    (tmp_path / "composites-aaaa" / "mmer-1").mkdir()
-    assert prune_stale_composites(str(tmp_path), "aaaa") == ["composites-bbbb", "sources-cccc"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "bench-test", "composites-aaaa", "sources-aaaa"]
+        if d != f"sources-{other}":  # that one was used within the day: another checkout may be running
+            os.utime(tmp_path / d, (1e9, 1e9))
+    assert prune_stale_composites(str(tmp_path), cur) == [f"composites-{old}", f"sources-{old}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {f"composites-{old}", f"sources-{old}"})

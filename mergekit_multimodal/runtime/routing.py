@@ -102,7 +102,8 @@ class RouteDelta(nn.Module):
         a time (block % 8 == 0, so each block starts on a byte of the packed masks). A block of base
         and tau_* is read from memory once and stays in the CPU cache while every route builds its
         rows and multiplies its tokens, instead of three whole-weight round trips per route."""
-        packed = {r: getattr(self, f"mask{r - 1}").reshape(-1).int() for r in xs}  # converted once, not per block
+        assert block % 8 == 0, block
+        packed = {r: getattr(self, f"mask{r - 1}").reshape(-1) for r in xs}
         rows, cols = base.shape
         outs: Dict[int, List[torch.Tensor]] = {r: [] for r in xs}
         for start in range(0, rows, block):
@@ -181,7 +182,8 @@ class DenseDelta(nn.Module):
         return base + self.delta(route) if route in self.routes else base
 
 
-#: elements per block when a route's weight is built blockwise on CPU (1 MiB of fp32: fits L2)
+#: elements per block when a route's weight is built blockwise on CPU: the block's weight, tau_*,
+#: coefficients and built rows (4 MiB in fp32) stay in cache while every route uses them
 BLOCK_ELEMENTS = 1 << 18
 
 

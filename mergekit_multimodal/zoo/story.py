@@ -107,6 +107,9 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
                   unit="step") as bar:
             zoo = build_zoo(spec, cache, bar.update)
         timings["zoo_s"] = time.time() - t0
+        for d in (f"composites-{code_hash()}", f"sources-{code_hash()}"):  # in use: dated now (see prune)
+            if os.path.isdir(os.path.join(zoo, d)):
+                os.utime(os.path.join(zoo, d))
         stale = prune_stale_composites(zoo, code_hash())
         if stale:
             echo(f"removed {len(stale)} composite cache(s) made by other versions of the package: {', '.join(stale)}")
@@ -122,12 +125,16 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
 
 
 def prune_stale_composites(zoo: str, current: str) -> List[str]:
-    """Delete the zoo's `composites-<hash>` / `sources-<hash>` caches of other package code: they
-    are never read again (the hash is part of their name) and each holds a dozen composites."""
+    """Delete the zoo's `composites-<hash>` / `sources-<hash>` caches of other package code that
+    were last changed over a day ago: this code never reads them again (the hash is part of their
+    name) and each holds a dozen composites."""
+    import re
     import shutil
 
-    stale = sorted(d for d in os.listdir(zoo) if os.path.isdir(os.path.join(zoo, d))
-                   and d.split("-")[0] in ("composites", "sources") and d.partition("-")[2] != current)
+    pattern = re.compile(r"^(composites|sources)-([0-9a-f]{10})$")  # the names compose_cached makes
+    day_ago = time.time() - 86400  # spare caches used in the last day (another checkout may be running)
+    stale = sorted(d for d in os.listdir(zoo) if (m := pattern.match(d)) and m.group(2) != current
+                   and os.path.isdir(os.path.join(zoo, d)) and os.path.getmtime(os.path.join(zoo, d)) < day_ago)
     for d in stale:
         shutil.rmtree(os.path.join(zoo, d))
     return stale
@@ -202,7 +209,7 @@ def shuffled_media_benchmark(bench: str, seed: int = 0) -> str:
     same subset and modalities, so no question sees its own inputs. Scores near chance mean the composites' answers come from the media."""
     import random
 
-    out = os.path.join(bench, "benchmark-media-shuffled.jsonl")
+    out = os.path.join(bench, f"benchmark-media-shuffled-seed{seed}.jsonl")
     if not os.path.isfile(out):
         with open(os.path.join(bench, "benchmark.jsonl"), encoding="utf-8") as f:
             questions = [json.loads(line) for line in f if line.strip()]
