@@ -206,7 +206,8 @@ def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings,
 
 def shuffled_media_benchmark(bench: str, seed: int = 0) -> str:
     """A control: the benchmark's questions with their media permuted among the questions of the
-    same subset and modalities, so no question sees its own inputs. Scores near chance mean the composites' answers come from the media."""
+    same subset and modalities, so no question sees its own inputs. Scores near chance mean the
+    composites' answers come from the media."""
     import random
 
     out = os.path.join(bench, f"benchmark-media-shuffled-seed{seed}.jsonl")
