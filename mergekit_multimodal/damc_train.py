@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
@@ -128,7 +128,8 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                     rank: int = 8, alpha: float = 16.0, steps: int = 20, lr: float = 1e-3,
                     n_prefix: int = 5, n_suffix: int = 5, target_modules: Sequence[str] = DEFAULT_TARGETS,
                     seed: int = 0, batch_size: int = 1, connector: Optional[nn.Module] = None,
-                    connector_name: str = "multi_modal_projector") -> DecoupledModel:
+                    connector_name: str = "multi_modal_projector",
+                    progress: Union[bool, Callable[[int], None]] = False) -> DecoupledModel:
     """Train text + modality LoRA adapters and prefix/suffix embeddings on a frozen causal LM (W0).
 
     llm: a transformers causal LM holding the shared base weights (modified in place: its targeted
@@ -142,6 +143,7 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         LLaVA) in place of `features`, and `connector_kwargs` if its forward needs more (Mistral3:
         `{"image_sizes": ...}`). `connector_name` is its module name in the MLLM
         (`multi_modal_projector` in LLaVA, Qwen2-Audio, Mistral3, Voxtral).
+    progress: True shows a progress bar with the loss; a callable is called with 1 after each step.
     Returns a `DecoupledModel` for `save_decoupled`. Loss values are in `.losses`.
     """
     torch.manual_seed(seed)
@@ -179,6 +181,11 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         feats = connector(enc, **batch.get("connector_kwargs", {}))  # e.g. Mistral3's image_sizes
         return {**batch, "features": feats.reshape(-1, feats.shape[-1])}
 
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"train_decoupled ({modality})", unit="step")
     for step in range(steps):
         seqs = [_sequence(llm, prefix, suffix, item(batches[(step * batch_size + j) % len(batches)]))
                 for j in range(batch_size)]
@@ -188,6 +195,13 @@ def train_decoupled(llm: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         loss.backward()
         opt.step()
         out.losses.append(loss.detach().item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{out.losses[-1]:.4f}", refresh=False)
+        elif callable(progress):
+            progress(1)
+    if bar is not None:
+        bar.close()
     mask.value = None
     llm.eval()
     if connector is not None:

@@ -438,6 +438,10 @@ def test_a_batch_of_sequences_gives_the_token_weighted_mean_loss(family):
         return train_decoupled(llm, chosen, modality="image", rank=4, steps=1, lr=0.0, target_modules=TARGETS,
                                seed=7, batch_size=batch_size).losses[0]
 
+    ticks = []
+    train_decoupled(transformers.AutoModelForCausalLM.from_pretrained(family.base), batches, modality="image",
+                    rank=4, steps=3, target_modules=TARGETS, progress=ticks.append)
+    assert ticks == [1, 1, 1]  # one call per optimizer step
     singles = [loss([b], 1) for b in batches]
     counts = [len(b["target_ids"]) for b in batches]
     want = sum(lo * n for lo, n in zip(singles, counts)) / sum(counts)

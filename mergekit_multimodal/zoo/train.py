@@ -267,7 +267,5 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
                         "target_ids": torch.tensor(tok(answer)["input_ids"])})
     llm = T.LlamaForCausalLM.from_pretrained(base_dir)
     trained = train_decoupled(llm, batches, modality=modality, rank=spec.damc_rank, alpha=2.0 * spec.damc_rank,
-                              steps=spec.damc_steps, lr=spec.damc_lr, seed=seed)
-    if progress:
-        progress(spec.damc_steps)
+                              steps=spec.damc_steps, lr=spec.damc_lr, seed=seed, progress=progress or False)
     save_decoupled(trained, out_dir)
