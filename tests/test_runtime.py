@@ -88,8 +88,12 @@ def test_mmer_routes_are_closer_to_each_source_than_naive_mc(family, tmp_path, c
         print("\n" + "\n".join(report))
 
 
-def test_routed_linear_puts_each_token_on_its_route():
+@pytest.mark.parametrize("max_spans", [64, 1])  # rows as runs of positions, and gathered by index
+def test_routed_linear_puts_each_token_on_its_route(monkeypatch, max_spans):
     """By construction: route 1's mask keeps only column 0 of tau, route 2 keeps all of it."""
+    from mergekit_multimodal.runtime import routing
+
+    monkeypatch.setattr(routing, "MAX_SPANS", max_spans)
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(4, 3, bias=False)
     tau = torch.randn(3, 4, generator=g)
@@ -102,6 +106,7 @@ def test_routed_linear_puts_each_token_on_its_route():
     routed = RoutedLinear(lin, delta, None, state)
     x = torch.randn(1, 5, 4, generator=g)
     state.set_tokens(torch.tensor([[0, 1, 2, 0, 1]]))
+    assert state.spans == ({0: [(0, 1), (3, 4)], 1: [(1, 2), (4, 5)], 2: [(2, 3)]} if max_spans > 1 else {2: [(2, 3)]})
     y = routed(x).detach().numpy()
     W = lin.weight.detach().numpy()
     base = W - alpha * tau.numpy()

@@ -32,6 +32,9 @@ class RouteState:
     present: List[int] = field(default_factory=list)  # routes other than text present in route_ids
     whole: Optional[int] = None  # one route for every token (retention use), overrides route_ids
     rows: Dict[int, torch.Tensor] = field(default_factory=dict)  # route -> its tokens' flat indices
+    #: route -> its tokens as (start, end) runs of flat positions, when there are few runs (a prompt's
+    #: text and media spans): rows are then read as views and written by slice, not gathered/scattered
+    spans: Dict[int, List[tuple]] = field(default_factory=dict)
     keep: frozenset = frozenset()  # routes whose dense weights stay resident once built (speed option)
 
     def set_tokens(self, route_ids: Optional[torch.Tensor]) -> None:
@@ -40,6 +43,38 @@ class RouteState:
         self.present = [] if route_ids is None else [int(r) for r in torch.unique(route_ids) if int(r) != 0]
         flat = route_ids.reshape(-1) if self.present else None
         self.rows = {r: torch.nonzero(flat == r).squeeze(-1) for r in [0, *self.present]} if self.present else {}
+        self.spans = {}
+        for r, idx in self.rows.items():
+            if idx.numel():
+                idx = idx.cpu().tolist()
+                breaks = [i for i in range(1, len(idx)) if idx[i] != idx[i - 1] + 1]
+                if len(breaks) < MAX_SPANS:
+                    starts, ends = [0, *breaks], [*breaks, len(idx)]
+                    self.spans[r] = [(idx[a], idx[b - 1] + 1) for a, b in zip(starts, ends)]
+
+    def gather(self, flat: torch.Tensor, route: int) -> torch.Tensor:
+        """The route's token rows of a [tokens, features] tensor: a view when they are one run."""
+        spans = self.spans.get(route)
+        if spans is not None and len(spans) == 1:
+            return flat[spans[0][0]:spans[0][1]]
+        if spans is not None:
+            return torch.cat([flat[a:b] for a, b in spans])
+        return flat.index_select(0, self.rows[route])
+
+    def scatter(self, out: torch.Tensor, route: int, values: torch.Tensor) -> None:
+        """out[route's rows] = values, by slice copies when the rows are few runs."""
+        spans = self.spans.get(route)
+        if spans is None:
+            out.index_copy_(0, self.rows[route], values)
+            return
+        at = 0
+        for a, b in spans:
+            out[a:b].copy_(values[at:at + b - a])
+            at += b - a
+
+
+#: more runs than this per route (scattered tokens) and rows are gathered / scattered by index
+MAX_SPANS = 64
 
 
 def unpack_bits(packed: torch.Tensor, shape, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -249,16 +284,16 @@ class RoutedLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         y = flat.new_empty(flat.shape[0], self.linear.out_features)
         block = self._block()
-        together = {r: flat.index_select(0, rows) for r, rows in st.rows.items()
+        together = {r: st.gather(flat, r) for r, rows in st.rows.items()
                     if r and rows.numel() and r not in st.keep} if block else {}
         if together:  # every route's rows built from one cached block of the weight (CPU)
             for r, out in self.weight_delta.linear_blocked(together, self.linear.weight, block).items():
                 b = self._bias(r)
-                y.index_copy_(0, st.rows[r], out if b is None else out + b)
+                st.scatter(y, r, out if b is None else out + b)
         for r, rows in st.rows.items():
             if rows.numel() and r not in together:
-                xs = flat.index_select(0, rows)
-                y.index_copy_(0, rows, self.linear(xs) if r == 0 else self._route_linear(xs, r))
+                xs = st.gather(flat, r)
+                st.scatter(y, r, self.linear(xs) if r == 0 else self._route_linear(xs, r))
         return y.reshape(*x.shape[:-1], -1)
 
 
