@@ -24,7 +24,7 @@ from mergekit_multimodal import layout as L
 from mergekit_multimodal.card import write_card
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.masks import pack_mask
-from mergekit_multimodal.methods.base import MergeOutput, scales_from_sums
+from mergekit_multimodal.methods.base import scales_from_sums
 from mergekit_multimodal.methods.damc import lambdas_of, text_route
 from mergekit_multimodal.plan import CompositePlan, TensorJob
 from mergekit_multimodal.shard_writer import Entry, PlannedShardWriter
@@ -144,7 +144,7 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
             plan.base.check_finite(x, plan.base.key(job.name))
             deltas = [d.text[job.name].dense(sl, dtype).to(device) if job.name in d.text else None
                       for d in plan.decoupled]
-            merged[sl] = MergeOutput(text_route(x, deltas, lambdas)).merged.to("cpu", job.out_dtype)
+            merged[sl] = text_route(x, deltas, lambdas).to("cpu", job.out_dtype)
             continue
         chunk = []
         for ckpt, t in zip(inputs, raw):

@@ -36,9 +36,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_TEMPLATE = "{question}\n{choices}\nAnswer:"
 ANSWER_WITH = ("label", "choice")
 LETTERS: Tuple[str, ...] = tuple(string.ascii_uppercase)
-#: family -> the modality name a single source gets when none is given
-MODALITY_OF_FAMILY = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
-                      "qwen2_audio": "audio", "voxtral": "audio", "point_cloud": "point_cloud"}
 KNOWN_MARKERS = ("image", "video", "audio", "point_cloud")
 _MARKER = re.compile(r"<([A-Za-z_][\w-]*)>")
 
@@ -310,8 +307,9 @@ def is_composite(path: str) -> bool:
 
 
 def source_modality(path: str) -> str:
-    """The modality name a single source checkpoint gets, from its family."""
+    """The modality name a single source checkpoint gets: the kind of media its family takes."""
     from mergekit_multimodal.families import layout_for
+    from mergekit_multimodal.runtime.processor import KIND_OF_FAMILY
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -319,10 +317,10 @@ def source_modality(path: str) -> str:
     with open(cfg_path) as f:
         cfg = json.load(f)
     family = layout_for(cfg, path).family.name
-    if family not in MODALITY_OF_FAMILY:
+    if family not in KIND_OF_FAMILY:
         raise CompositionError(f"{path}: a {family} checkpoint has no modality to evaluate; "
-                               f"evaluate a multimodal source ({', '.join(MODALITY_OF_FAMILY)})")
-    return MODALITY_OF_FAMILY[family]
+                               f"evaluate a multimodal source ({', '.join(KIND_OF_FAMILY)})")
+    return KIND_OF_FAMILY[family]
 
 
 def composite_for(model: str, *, modality: Optional[str] = None, cache_dir: Optional[str] = None) -> Tuple[str, bool]:
@@ -379,7 +377,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
     answer_with: "label" (MCUB: the model answers with the choice's label, A/B/...) or "choice" (it
     answers with the choice's own text, scored by the text's first token; e.g. the zoo's tiny models).
     """
-    from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, auto_route
+    from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, resolve_route
 
     start = time.time()
     bench_name = benchmark if isinstance(benchmark, (str, os.PathLike)) else "<questions>"
@@ -422,9 +420,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
             if res is None:
                 skipped[q.subset] = skipped.get(q.subset, 0) + 1
                 continue
-            r = route
-            if route == "auto":
-                r = auto_route(proc.composite_config, res.values())
+            r = resolve_route(route, proc.composite_config, res.values())
             jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels.shown, res),
                                            res))
         if not jobs:
@@ -437,7 +433,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
                 for q, prompt, _ in items:
                     _label_ids(proc, q, prompt, labels, label_cache)
         torch_dtype = DTYPES[dtype] if dtype else None
-        with _transformers_bars(progress):
+        with transformers_output(bars=progress):
             model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
         preds: Dict[str, Dict[str, Any]] = {}
         total = sum(len(v) for v in jobs.values())
@@ -548,17 +544,21 @@ def _label_ids(proc, q: Question, prompt: str, labels, cache) -> List[List[int]]
 
 
 @contextlib.contextmanager
-def _transformers_bars(enabled: bool):
-    """transformers' own progress bars ("Loading weights") follow ours."""
+def transformers_output(bars: bool = True, errors_only: bool = False):
+    """transformers' own progress bars ("Loading weights") on or off, and its log at error level
+    only if asked, for the duration; both put back as they were after."""
     from transformers.utils import logging as tlog
 
-    was = tlog.is_progress_bar_enabled()
-    if not enabled:
+    was_bars, verbosity = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
+    if not bars:
         tlog.disable_progress_bar()
+    if errors_only:
+        tlog.set_verbosity_error()
     try:
         yield
     finally:
-        if was and not enabled:
+        tlog.set_verbosity(verbosity)
+        if was_bars and not bars:
             tlog.enable_progress_bar()
 
 

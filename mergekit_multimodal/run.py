@@ -35,7 +35,7 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
     own-task retention this way against 96.0% per token, docs/zoo.md), anything else per token;
     None or "per-token": per-token routing; a modality name: the whole input on that route.
     """
-    from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, auto_route
+    from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, resolve_route
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -48,11 +48,7 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
         prompt = " ".join(proc.placeholders[m] for m, _ in items if m in proc.placeholders) + " " + prompt
     inputs = proc(prompt, media=by_modality)  # checks files and placeholders before the model loads
     model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
-    if route == "auto":
-        route = auto_route(model.composite_config, by_modality)
-    elif route == "per-token":
-        route = None
-    with model.route(route):
+    with model.route(resolve_route(route, model.composite_config, by_modality)):
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return proc.decode(new[0], skip_special_tokens=True).strip()
 

@@ -38,6 +38,14 @@ def auto_route(composite_config: dict, modalities) -> Optional[str]:
     return None
 
 
+def resolve_route(route: Optional[str], composite_config: dict, modalities) -> Optional[str]:
+    """A route option for one input: "auto" -> `auto_route`; None or "per-token" -> None (per-token
+    routing); a modality name as given."""
+    if route == "auto":
+        return auto_route(composite_config, modalities)
+    return None if route == "per-token" else route
+
+
 class CompositeModel(nn.Module):
     def __init__(self, path: str, llm: transformers.PreTrainedModel, encoders: Dict[str, ModalityEncoder],
                  config: dict, state: RouteState):

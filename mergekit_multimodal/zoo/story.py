@@ -7,6 +7,7 @@ every source and composite on the held-out commonality benchmark -> one table, a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -55,8 +56,10 @@ def composite_config(zoo: str, method: str, params: dict, per_source: dict, suff
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
 def code_hash() -> str:
-    """A hash of the package's source: composites made by other code are not reused."""
+    """A hash of the package's source: composites made by other code are not reused. Read once
+    per process (the story asks for it for every composite)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
     for d, _, files in sorted(os.walk(root)):
@@ -89,39 +92,33 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
               rows_wanted: Optional[List[str]] = None) -> dict:
     """Everything the README's main command does; returns the results dict (also written as JSON)."""
     import torch
-    import transformers
     from tqdm.auto import tqdm
 
+    from mergekit_multimodal.evaluate import transformers_output
     from mergekit_multimodal.zoo.build import build_zoo, total_steps
 
-    logs = transformers.utils.logging
-    verbosity, bars = logs.get_verbosity(), logs.is_progress_bar_enabled()
-    logs.set_verbosity_error()  # the story prints its own progress; restored below for the caller
-    logs.disable_progress_bar()
     threads = torch.get_num_threads()
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        t0 = time.time()
-        timings = {}
-        with tqdm(total=total_steps(spec), desc="1/3 zoo: train (or reuse) base, 4 sources, 4 DAMC adapters",
-                  unit="step") as bar:
-            zoo = build_zoo(spec, cache, bar.update)
-        timings["zoo_s"] = time.time() - t0
-        for d in (f"composites-{code_hash()}", f"sources-{code_hash()}"):  # in use: dated now (see prune)
-            if os.path.isdir(os.path.join(zoo, d)):
-                os.utime(os.path.join(zoo, d))
-        stale = prune_stale_composites(zoo, code_hash())
-        if stale:
-            echo(f"removed {len(stale)} composite cache(s) made by other versions of the package: {', '.join(stale)}")
-        bench = os.path.join(zoo, "bench-test")
-        echo(f"zoo: {zoo}\nbenchmark (held-out seed {spec.test_seed}): {bench}")
-        torch.set_num_threads(1)  # tiny models: one thread beats two fighting over small kernels
-        return _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0)
-    finally:
-        torch.set_num_threads(threads)
-        logs.set_verbosity(verbosity)
-        if bars:
-            logs.enable_progress_bar()
+    with transformers_output(bars=False, errors_only=True):  # the story prints its own progress
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            t0 = time.time()
+            timings = {}
+            with tqdm(total=total_steps(spec), desc="1/3 zoo: train (or reuse) base, 4 sources, 4 DAMC adapters",
+                      unit="step") as bar:
+                zoo = build_zoo(spec, cache, bar.update)
+            timings["zoo_s"] = time.time() - t0
+            for d in (f"composites-{code_hash()}", f"sources-{code_hash()}"):  # in use: dated now (prune)
+                if os.path.isdir(os.path.join(zoo, d)):
+                    os.utime(os.path.join(zoo, d))
+            stale = prune_stale_composites(zoo, code_hash())
+            if stale:
+                echo(f"removed {len(stale)} composite cache(s) made by other versions of the package: {', '.join(stale)}")
+            bench = os.path.join(zoo, "bench-test")
+            echo(f"zoo: {zoo}\nbenchmark (held-out seed {spec.test_seed}): {bench}")
+            torch.set_num_threads(1)  # tiny models: one thread beats two fighting over small kernels
+            return _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def prune_stale_composites(zoo: str, current: str) -> List[str]:
