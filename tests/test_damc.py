@@ -192,13 +192,15 @@ def test_runtime_routes_match_independent_computation(family, sources, tmp_path,
     torch.testing.assert_close(got.double(), ref.logits(embeds, mask, torch.ones_like(rids)), rtol=1e-4, atol=1e-4)
 
 
+def _image_audio_logits(out):
+    """The composite's logits on one prompt holding an audio clip and an image."""
+    model = CompositeModel.from_pretrained(out)
+    return _run(model, out, "w1 <|AUDIO|> w2 <image> w3", {"image": media_for("llava"), "audio": media_for("qwen2_audio")})[0]
+
+
 def test_low_rank_and_densified_composites_agree(family, sources, tmp_path):
     outs = [compose(_cfg(family, sources, densify=d), str(tmp_path / f"c{d}")) for d in (False, True)]
-    logits = []
-    for out in outs:
-        model = CompositeModel.from_pretrained(out)
-        logits.append(_run(model, out, "w1 <|AUDIO|> w2 <image> w3",
-                           {"image": media_for("llava"), "audio": media_for("qwen2_audio")})[0])
+    logits = [_image_audio_logits(out) for out in outs]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
@@ -239,11 +241,7 @@ def test_dense_source_deltas_compose_like_their_lora_form(family, sources, tmp_p
             for i, a in enumerate((sources["audio"], str(dense)))]
     keys = read_dir(f"{outs[1]}/routes")
     assert "image/model.layers.0.self_attn.q_proj.weight" in keys and "text/model.layers.0.self_attn.q_proj.weight:A" not in keys
-    logits = []
-    for out in outs:
-        model = CompositeModel.from_pretrained(out)
-        logits.append(_run(model, out, "w1 <|AUDIO|> w2 <image> w3",
-                           {"image": media_for("llava"), "audio": media_for("qwen2_audio")})[0])
+    logits = [_image_audio_logits(out) for out in outs]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
