@@ -17,10 +17,12 @@ from huggingface_hub import ModelCardData
 if TYPE_CHECKING:
     from mergekit_multimodal.plan import CompositePlan
 
-#: what kind of input each reader's encoder takes (Video-LLaVA also reads images: see `_kind`)
-FAMILY_KIND = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
-               "qwen2_audio": "audio", "voxtral": "audio"}
+#: modality-name prefixes that say the kind of a source's input (Video-LLaVA also reads images)
 KINDS = ("image", "video", "audio")
+#: the pipeline tag of a composite whose sources all take one kind
+TAG_OF_KIND = {"image": "image-text-to-text", "video": "video-text-to-text", "audio": "audio-text-to-text"}
+#: vision LLMs that read images and video are tagged as image models on the Hub
+VISION_TAGS = {"image-text-to-text", "video-text-to-text"}
 
 
 @dataclass(frozen=True)
@@ -60,32 +62,41 @@ def hub_ids(refs: Sequence[str]) -> List[str]:
     return out
 
 
+def _family(src: CardSource):
+    from mergekit_multimodal.families import FAMILIES
+
+    return next((f for f in FAMILIES if f.name == src.family), None)
+
+
 def _kind(src: CardSource) -> Optional[str]:
     prefix = next((k for k in KINDS if src.modality.startswith(k)), None)
-    return prefix or FAMILY_KIND.get(src.family or "")
+    fam = _family(src)
+    return prefix or (fam.kind if fam else None)
+
+
+def _tag(src: CardSource) -> str:
+    """The source's own pipeline tag: the kind its modality name says, else its family's tag."""
+    prefix = next((k for k in KINDS if src.modality.startswith(k)), None)
+    fam = _family(src)
+    return TAG_OF_KIND[prefix] if prefix else (fam.pipeline_tag if fam else "any-to-any")
 
 
 def pipeline_tag(sources: Sequence[CardSource]) -> str:
-    """audio only -> audio-text-to-text; video only -> video-text-to-text; images (and video) ->
-    image-text-to-text, as vision LLMs that read both are tagged on the Hub; vision + audio -> any-to-any."""
-    kinds = {_kind(s) for s in sources}
-    if None in kinds or ("audio" in kinds and len(kinds) > 1):
-        return "any-to-any"
-    if kinds == {"audio"}:
-        return "audio-text-to-text"
-    if kinds == {"video"}:
-        return "video-text-to-text"
-    return "image-text-to-text"
+    """One kind -> its tag (audio-text-to-text, video-text-to-text, image-text-to-text); images and
+    video -> image-text-to-text, as vision LLMs that read both are tagged on the Hub; anything else
+    (vision + audio, point clouds, unknown families) -> any-to-any."""
+    tags = {_tag(s) for s in sources}
+    if len(tags) == 1:
+        return tags.pop()
+    return "image-text-to-text" if tags <= VISION_TAGS else "any-to-any"
 
 
 def _inputs(src: CardSource) -> str:
     """The media keys the loader's encoder for this family reads (its processor's output names)."""
-    try:
-        from mergekit_multimodal.runtime.encoders import ADAPTERS
-
-        return ", ".join(f"`{k}`" for k in ADAPTERS[src.family][1])
-    except Exception:  # noqa: BLE001 - an unknown family, or the runtime unavailable: say nothing
+    fam = _family(src)
+    if fam is None or fam.encoder is None:  # an unknown family: say nothing
         return "-"
+    return ", ".join(f"`{k}`" for k in fam.encoder.inputs)
 
 
 #: kind -> (processor class, how the first item is passed to it, media built from its outputs `x`)

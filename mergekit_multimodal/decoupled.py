@@ -326,11 +326,6 @@ def _read_modelcompose(directory: str, modality: str, name_map, adapter: Optiona
     return src
 
 
-#: ModelCompose's mlp2x_gelu projector (Sequential: Linear, GELU, Linear) onto transformers' LLaVA connector
-_LLAVA_PROJECTOR = {"0.weight": "multi_modal_projector.linear_1.weight", "0.bias": "multi_modal_projector.linear_1.bias",
-                    "2.weight": "multi_modal_projector.linear_2.weight", "2.bias": "multi_modal_projector.linear_2.bias"}
-
-
 def connector_overrides(src: DecoupledSource, connector_names, shapes, where: str) -> Dict[str, torch.Tensor]:
     """A PEFT-form source's trained connector onto the paired model's connector tensors. Names
     match with or without the transformers-5 `model.` prefix, so either layout pairs with either."""
@@ -351,19 +346,21 @@ def connector_overrides(src: DecoupledSource, connector_names, shapes, where: st
     return out
 
 
-def projector_overrides(src: DecoupledSource, family: str, names, shapes, where: str) -> Dict[str, torch.Tensor]:
-    """ModelCompose's projector mapped onto the paired MLLM's connector tensors (LLaVA family only)."""
+def projector_overrides(src: DecoupledSource, family, names, shapes, where: str) -> Dict[str, torch.Tensor]:
+    """ModelCompose's projector mapped onto the paired MLLM's connector tensors, for families that
+    declare the mapping (`Family.modelcompose_projector`: LLaVA's)."""
     if not src.projector:
         return {}
-    if family != "llava":
-        raise CompositionError(f"{where}: ModelCompose projector for family {family!r} has no mapping "
+    mapping = family.modelcompose_projector
+    if mapping is None:
+        raise CompositionError(f"{where}: ModelCompose projector for family {family.name!r} has no mapping "
                                "(only LLaVA's mlp2x_gelu is mapped); use a PEFT-form source")
     if src.projector_type not in (None, "mlp2x_gelu"):
         raise CompositionError(f"{where}: ModelCompose projector type {src.projector_type!r} (config.json) has no "
                                "mapping onto LLaVA's connector (only mlp2x_gelu); use a PEFT-form source")
     out = {}
     for k, t in src.projector.items():
-        target = _LLAVA_PROJECTOR.get(k)
+        target = mapping.get(k)
         hit = [n for n in names if target and (n == target or n == "model." + target)]
         if not hit:
             raise CompositionError(f"{where}: projector key model.modal_projectors.{src.adapter}.{k} has no "

@@ -309,18 +309,18 @@ def is_composite(path: str) -> bool:
 def source_modality(path: str) -> str:
     """The modality name a single source checkpoint gets: the kind of media its family takes."""
     from mergekit_multimodal.families import layout_for
-    from mergekit_multimodal.runtime.processor import KIND_OF_FAMILY
+    from mergekit_multimodal.families import FAMILIES
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CompositionError(f"{path}: neither a composite (composite_config.json) nor a checkpoint (config.json)")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    family = layout_for(cfg, path).family.name
-    if family not in KIND_OF_FAMILY:
-        raise CompositionError(f"{path}: a {family} checkpoint has no modality to evaluate; "
-                               f"evaluate a multimodal source ({', '.join(KIND_OF_FAMILY)})")
-    return KIND_OF_FAMILY[family]
+    family = layout_for(cfg, path).family
+    if family.kind is None:
+        raise CompositionError(f"{path}: a {family.name} checkpoint has no modality to evaluate; "
+                               f"evaluate a multimodal source ({', '.join(f.name for f in FAMILIES)})")
+    return family.kind
 
 
 def composite_for(model: str, *, modality: Optional[str] = None, cache_dir: Optional[str] = None) -> Tuple[str, bool]:

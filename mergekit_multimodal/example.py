@@ -1,8 +1,8 @@
 """`mergekit-mm-example [DIR]`: the built-in example, end to end, in seconds on a CPU.
 
-Builds tiny stand-ins of four real MLLM families that share one base LLM (LLaVA image,
-Video-LLaVA video, LLaVA-NeXT-Video video, Qwen2-Audio audio; random weights, real classes
-and key layouts), writes a YAML, composes it with `mmer` and `naive_mc` through the same code
+Builds tiny stand-ins of real MLLM families that share one base LLM (those whose family file
+marks them `in_example`: image, two kinds of video, audio; random weights, real classes and key
+layouts), writes a YAML, composes it with `mmer` and `naive_mc` through the same code
 as `mergekit-mm-yaml`, and prints what a user would check: the files, each modality's
 placeholder, and how close each modality's LLM weights stay to its own source.
 """
@@ -18,15 +18,20 @@ import yaml
 from mergekit_multimodal.api import run_yaml
 from mergekit_multimodal.routes import iter_route, read_composite_config
 
-KINDS = {"llava": "image", "video_llava": "video", "llava_next_video": "video_next", "qwen2_audio": "audio"}
+def _kinds() -> dict:
+    """Tiny stand-in -> its modality, for the families' stand-ins marked `in_example`."""
+    from mergekit_multimodal.families import tiny_sources
+    from mergekit_multimodal.testing import EXAMPLE_KINDS
+
+    return {k: tiny_sources()[k][1] for k in EXAMPLE_KINDS}
 
 
 def example_config(family, method: str) -> dict:
     models = []
-    for kind, modality in KINDS.items():
-        m = {"model": str(family.sources[kind]), "modality": modality}
-        if kind == "llava_next_video":
-            m["placeholder"] = "<video_next>"  # Video-LLaVA already uses <video>
+    for kind, t in _kinds().items():
+        m = {"model": str(family.sources[kind]), "modality": t.modality}
+        if t.placeholder:
+            m["placeholder"] = t.placeholder  # its own is taken by another source
         models.append(m)
     return {"merge_method": method, "base_model": str(family.base), "models": models, "dtype": "float32"}
 
@@ -63,7 +68,7 @@ def main(out_dir: str):
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's per-shard bars drown the story
     shutil.rmtree(out_dir, ignore_errors=True)
     click.echo(f"1/3 building tiny source MLLMs in {out_dir}/models ...")
-    family = build_tiny_family(os.path.join(out_dir, "models"), tuple(KINDS))
+    family = build_tiny_family(os.path.join(out_dir, "models"), tuple(_kinds()))
     results = {}
     for step, method in enumerate(("mmer", "naive_mc"), start=2):
         cfg_path = os.path.join(out_dir, f"{method}.yml")
@@ -83,7 +88,8 @@ def main(out_dir: str):
             click.echo(f"  {rel + '/' if rel != '.' else ''}: {', '.join(sorted(files))}")
     click.echo("\nEach modality's LLM weights: distance to its own source (sum|w - theta_src| / sum|theta_src - theta_base|)")
     click.echo(f"  {'modality':<11}{'placeholder':<14}{'id':>4}  {'mmer route':>10}  {'naive_mc':>9}")
-    for kind, modality in KINDS.items():
+    for kind, t in _kinds().items():
+        modality = t.modality
         m = cfg["modalities"][modality]
         d = {k: relative_distance(results[k], modality, str(family.sources[kind])) for k in results}
         click.echo(f"  {modality:<11}{m['placeholder']:<14}{m['placeholder_id']:>4}  {d['mmer']:>10.3f}  {d['naive_mc']:>9.3f}")

@@ -197,6 +197,6 @@ def _read_decoupled_sources(config, base: Checkpoint, sources: List[Checkpoint],
                 "encoder and `adapters:` to the ModelCompose directory")
         decoupled.append(dec)
         names = [n for ns in src.parts.values() for n in ns]
-        overrides.append({**projector_overrides(dec, src.layout.family.name, names, src.shapes, where),
+        overrides.append({**projector_overrides(dec, src.layout.family, names, src.shapes, where),
                           **connector_overrides(dec, src.parts.get(CONNECTOR, []), src.shapes, where)})
     return decoupled, overrides

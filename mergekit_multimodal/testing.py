@@ -1,8 +1,8 @@
 """Tiny, random stand-ins of real multimodal checkpoints, for tests and the built-in example.
 
 `build_tiny_family` saves one tiny base causal LM plus several multimodal LLMs of REAL
-transformers classes (LLaVA, Video-LLaVA, LLaVA-NeXT-Video, Qwen2-Audio, Mistral3, Voxtral)
-whose language models are that base plus small, source-specific perturbations. Everything is
+transformers classes (the `tiny` stand-ins each family file declares) whose language models are
+that base plus small, source-specific perturbations. Everything is
 written with ``save_pretrained``, so the checkpoints have the real key layouts
 (``language_model.model.*``, ``vision_tower.*``, ``multi_modal_projector.*`` ...), the real
 placeholder tokens added to the tokenizer, and LLaVA's vocabulary padding; optionally the
@@ -28,11 +28,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-SOURCE_KINDS = ("llava", "video_llava", "llava_next_video", "qwen2_audio", "mistral3", "voxtral", "llava_next")
+from mergekit_multimodal.families import tiny_sources
+
+#: every family's tiny stand-ins (families/<name>.py, `Family.tiny`), in seed order
+SOURCE_KINDS = tuple(tiny_sources())
+#: the ones the built-in example composes (and the default of `build_tiny_family`)
+EXAMPLE_KINDS = tuple(k for k, (_, t) in tiny_sources().items() if t.in_example)
 TEXT_FAMILIES = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
                  "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}
 BASE_VOCAB = 96  # <unk> <s> </s> w0..w92
-IMAGE_SIZE, PATCH_SIZE, NUM_MEL_BINS, AUDIO_RATE = 28, 14, 8, 16000
 
 
 @dataclass
@@ -40,69 +44,6 @@ class TinyFamily:
     base: Path  # plain causal LM dir (config.json, model.safetensors, tokenizer files)
     sources: dict[str, Path]  # source kind -> dir of the saved MLLM
     vocab_size: int  # base vocabulary size V0 (rows of base embed_tokens)
-
-
-def _clip(h):  # LLaVA's default vision_feature_layer=-2 needs >= 2 layers
-    return T.CLIPVisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                              projection_dim=h).to_dict()
-
-
-def _pixtral(h):  # 56 px: 4x4 patches -> 2x2 merged tokens (1 merged token trips a squeeze in transformers)
-    return dict(model_type="pixtral", hidden_size=h, intermediate_size=2 * h, num_hidden_layers=1,
-                num_attention_heads=2, head_dim=h // 2, image_size=2 * IMAGE_SIZE, patch_size=PATCH_SIZE)
-
-
-def _qwen2_audio(h):
-    return dict(model_type="qwen2_audio_encoder", d_model=h, encoder_layers=1, encoder_attention_heads=2,
-                encoder_ffn_dim=2 * h, num_mel_bins=NUM_MEL_BINS, max_source_positions=16)
-
-
-def _voxtral_audio(h):  # the projector reads 4 stacked frames: intermediate_size = 4 * hidden
-    return dict(model_type="voxtral_encoder", hidden_size=h, intermediate_size=4 * h, num_hidden_layers=1,
-                num_attention_heads=2, head_dim=h // 2, num_mel_bins=NUM_MEL_BINS, max_source_positions=16)
-
-
-def _clip_proc():
-    size = IMAGE_SIZE
-    return T.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
-GRID = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
-
-
-def _llava_next_proc():  # anyres: a base view plus up to 2x2 tiles of 28 px
-    size = IMAGE_SIZE
-    return T.LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                     image_grid_pinpoints=GRID)
-
-
-def _whisper_proc():  # a 1 s window of 32 mel frames: what the tiny encoders' 16 positions take
-    return T.WhisperFeatureExtractor(feature_size=NUM_MEL_BINS, sampling_rate=AUDIO_RATE, hop_length=AUDIO_RATE // 32,
-                                     n_fft=2 * (AUDIO_RATE // 32), chunk_length=1)
-
-
-# kind -> (model class, config class, encoder config key, encoder config builder,
-#          added tokens (in id order), {config field: placeholder token}, pad token, vocab multiple, processor)
-_KINDS = {
-    "llava": ("LlavaForConditionalGeneration", "LlavaConfig", "vision_config", _clip,
-              ("<image>", "<pad>"), {"image_token_index": "<image>"}, "<pad>", 8, _clip_proc),
-    "video_llava": ("VideoLlavaForConditionalGeneration", "VideoLlavaConfig", "vision_config", _clip,
-                    ("<image>", "<video>"), {"image_token_index": "<image>", "video_token_index": "<video>"},
-                    None, 1, _clip_proc),
-    "llava_next_video": ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoConfig", "vision_config", _clip,
-                         ("<image>", "<video>"), {"image_token_index": "<image>", "video_token_index": "<video>"},
-                         None, 1, _clip_proc),
-    "qwen2_audio": ("Qwen2AudioForConditionalGeneration", "Qwen2AudioConfig", "audio_config", _qwen2_audio,
-                    ("<|AUDIO|>",), {"audio_token_index": "<|AUDIO|>"}, None, 1, _whisper_proc),
-    "mistral3": ("Mistral3ForConditionalGeneration", "Mistral3Config", "vision_config", _pixtral,
-                 ("[IMG]", "[IMG_BREAK]", "[IMG_END]"), {"image_token_index": "[IMG]"}, None, 1,
-                 lambda: T.PixtralImageProcessor(size={"longest_edge": 2 * IMAGE_SIZE}, patch_size=PATCH_SIZE)),
-    "voxtral": ("VoxtralForConditionalGeneration", "VoxtralConfig", "audio_config", _voxtral_audio,
-                ("[AUDIO]",), {"audio_token_id": "[AUDIO]"}, None, 1, _whisper_proc),
-    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextConfig", "vision_config", _clip,
-                   ("<image>",), {"image_token_index": "<image>"}, None, 1, _llava_next_proc),
-}
 
 
 def _tokenizer(added=(), pad=None) -> T.PreTrainedTokenizerFast:
@@ -166,18 +107,18 @@ def _rewrite_checkpoint(d: Path, fn) -> None:
         idx.write_text(json.dumps(j, indent=2, sort_keys=True) + "\n")
 
 
-def _build_source(kind, k, base, d, *, text_family, seed, tie, dtype, delta_scale, num_layers, hidden_size,
+def _build_source(kind, base, d, *, text_family, seed, tie, dtype, delta_scale, num_layers, hidden_size,
                   shard_size):
-    cls_name, cfg_name, enc_key, enc_fn, added, fields, pad, multiple, proc = _KINDS[kind]
-    tok = _tokenizer(added, pad)
-    vocab = math.ceil(len(tok) / multiple) * multiple  # LLaVA-1.5 pads 32002 -> 32064
-    extra = {"pad_token_id": tok.pad_token_id} if pad else {}
+    t = tiny_sources()[kind][1]
+    k, cls_name = t.seed, t.model_class
+    tok = _tokenizer(t.added_tokens, t.pad_token)
+    vocab = math.ceil(len(tok) / t.vocab_multiple) * t.vocab_multiple  # LLaVA-1.5 pads 32002 -> 32064
+    extra = {"pad_token_id": tok.pad_token_id} if t.pad_token else {}
     text = _text_config(text_family, vocab, hidden_size, num_layers, tie, **extra)
-    ids = {field: tok.convert_tokens_to_ids(t) for field, t in fields.items()}
+    ids = {field: tok.convert_tokens_to_ids(tk) for field, tk in t.placeholder_fields.items()}
     try:
-        extra_cfg = {"image_grid_pinpoints": GRID} if kind == "llava_next" else {}
-        cfg = getattr(T, cfg_name)(text_config=text.to_dict(), **{enc_key: enc_fn(hidden_size)}, **ids,
-                                   tie_word_embeddings=tie, **extra_cfg)
+        cfg = getattr(T, t.config_class)(text_config=text.to_dict(), **{t.encoder_key: t.encoder_config(hidden_size)},
+                                         **ids, tie_word_embeddings=tie, **t.extra_config)
         torch.manual_seed(seed * 1000 + 500 + k)  # encoder/connector/new rows: the class's own init
         model = getattr(T, cls_name)(cfg)
     except Exception as e:  # noqa: BLE001 - report any refusal uniformly
@@ -195,22 +136,22 @@ def _build_source(kind, k, base, d, *, text_family, seed, tie, dtype, delta_scal
             s[tuple(slice(0, n) for n in b.shape)].copy_(_perturb(b, gen, delta_scale))
     model.to(dtype).save_pretrained(d, **_save_kwargs(shard_size))
     tok.save_pretrained(d)
-    proc().save_pretrained(d)
+    t.processor().save_pretrained(d)
 
 
-def build_tiny_family(root, kinds=("llava", "video_llava", "llava_next_video", "qwen2_audio"), *,
+def build_tiny_family(root, kinds=EXAMPLE_KINDS, *,
                       text_family="llama", seed=0, layout="legacy", tie_word_embeddings=False,
                       dtype=torch.float32, delta_scale=0.05, num_layers=2, hidden_size=16,
                       shard_size=None) -> TinyFamily:
     """Save a tiny base LM under root/base and one perturbed MLLM per kind under root/<kind>.
 
-    Source k (its index in SOURCE_KINDS) uses seeds derived from (seed, k) only, so its tensors do
+    Source k (its tiny stand-in's `seed` stream) uses seeds derived from (seed, k) only, so its tensors do
     not depend on which other kinds are requested. layout="hf5" rewrites the saved keys to the
     transformers-5 layout (model.language_model.*, lm_head.*, model.vision_tower.* ...).
     ValueError for what transformers can't build, e.g. tied embeddings for qwen2_audio/voxtral
     (their classes have no _tied_weights_keys, so the lm_head would be saved anyway).
     """
-    unknown = [k for k in kinds if k not in _KINDS]
+    unknown = [k for k in kinds if k not in SOURCE_KINDS]
     if unknown:
         raise ValueError(f"unknown source kinds {unknown}; choose from {SOURCE_KINDS}")
     if text_family not in TEXT_FAMILIES:
@@ -226,7 +167,7 @@ def build_tiny_family(root, kinds=("llava", "video_llava", "llava_next_video", "
     sources = {}
     for kind in kinds:
         d = sources[kind] = root / kind
-        _build_source(kind, SOURCE_KINDS.index(kind), base, d, text_family=text_family, seed=seed,
+        _build_source(kind, base, d, text_family=text_family, seed=seed,
                       tie=tie_word_embeddings, dtype=dtype, delta_scale=delta_scale, num_layers=num_layers,
                       hidden_size=hidden_size, shard_size=shard_size)
         if layout == "hf5":

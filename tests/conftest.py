@@ -9,10 +9,13 @@ from safetensors import safe_open
 
 from mergekit_multimodal.testing import build_tiny_family
 
-KINDS = ("llava", "video_llava", "llava_next_video", "qwen2_audio")
-MODALITY = {"llava": "image", "video_llava": "video", "llava_next_video": "video_next", "qwen2_audio": "audio",
-            "mistral3": "image", "voxtral": "audio", "llava_next": "image"}
-PLACEHOLDER_OVERRIDE = {"llava_next_video": "<video_next>"}
+from mergekit_multimodal.families import tiny_sources
+from mergekit_multimodal.testing import EXAMPLE_KINDS
+
+KINDS = EXAMPLE_KINDS
+#: tiny stand-in -> the modality name tests give it, and a placeholder where its own is taken
+MODALITY = {k: t.modality for k, (_, t) in tiny_sources().items()}
+PLACEHOLDER_OVERRIDE = {k: t.placeholder for k, (_, t) in tiny_sources().items() if t.placeholder}
 
 
 @pytest.fixture(scope="session")

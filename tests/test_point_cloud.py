@@ -7,7 +7,7 @@ import transformers as T
 
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
-from mergekit_multimodal.runtime import point_cloud as PC
+from mergekit_multimodal.families import point_cloud as PC
 from mergekit_multimodal.zoo.tokenizer import build_tokenizer
 
 

@@ -1,37 +1,74 @@
-"""Checkpoint families we can read, one small file each; `layout_for` picks one for a config.json.
+"""The checkpoint families we read: one file each (`families/<name>.py` with a `FAMILY = Family(...)`).
 
-Adding a family: write `families/<name>.py` with a `FAMILY = Family(...)` and list it below.
+Every other module asks this registry: `layout_for` (which family a config.json is),
+`get_family(name)` (everything about one family), `FAMILIES`, `tiny_sources()`. The family files
+are found by listing this package, so adding a family is adding one file (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+import pkgutil
+from typing import Dict, Optional, Tuple
 
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.families import (
-    causal_lm,
-    llava,
-    llava_next_video,
-    mistral3,
-    point_cloud,
-    qwen2_audio,
-    video_llava,
-    voxtral,
-)
 from mergekit_multimodal.families.base import (
     CONNECTOR,
     ENCODER,
     LLM,
     OTHER,
+    Encoder,
     Family,
     SplitLayout,
+    TinySource,
     override_layout,
 )
 
-FAMILIES = tuple(
-    m.FAMILY for m in (llava, video_llava, llava_next_video, qwen2_audio, mistral3, voxtral, point_cloud)
-)
+#: modules of this package that are not families
+_NOT_FAMILIES = {"base", "tiny"}
+
+
+def _discover() -> Tuple[Family, ...]:
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name in _NOT_FAMILIES:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        family = getattr(module, "FAMILY", None)
+        if not isinstance(family, Family):
+            raise TypeError(f"{module.__name__}: a family file must define FAMILY = Family(...)")
+        found.append(family)
+    return tuple(found)
+
+
+_ALL = _discover()
+_BY_NAME: Dict[str, Family] = {f.name: f for f in _ALL}
+#: the multimodal families (every family but the plain causal LM)
+FAMILIES = tuple(f for f in _ALL if not f.text_only)
 _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
+_CAUSAL_LM = next(f for f in _ALL if f.text_only)
+
+
+def get_family(name: str, where: str = "") -> Family:
+    """A family by name; an unknown name is a clear error (e.g. a composite made by a newer version)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        known = ", ".join(f.name for f in FAMILIES)
+        raise CompositionError(f"{where + ': ' if where else ''}unknown family {name!r}; this version knows "
+                               f"{known}") from None
+
+
+def kind_of(family: str) -> Optional[str]:
+    """The kind of media a family's modality takes (image, video, audio, point_cloud), or None."""
+    fam = _BY_NAME.get(family)
+    return fam.kind if fam else None
+
+
+def tiny_sources() -> Dict[str, Tuple[Family, TinySource]]:
+    """Every family's tiny stand-ins by name, in seed order (tests and the example build them)."""
+    items = [(name, (fam, t)) for fam in FAMILIES for name, t in fam.tiny.items()]
+    return dict(sorted(items, key=lambda kv: kv[1][1].seed))
 
 
 def layout_for(config: dict, where: str, override=None) -> SplitLayout:
@@ -45,7 +82,7 @@ def layout_for(config: dict, where: str, override=None) -> SplitLayout:
     if arch in _BY_ARCHITECTURE:
         return SplitLayout(_BY_ARCHITECTURE[arch])
     if arch and (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):
-        return SplitLayout(causal_lm.FAMILY)
+        return SplitLayout(_CAUSAL_LM)
     known = ", ".join(sorted(_BY_ARCHITECTURE)) + ", any *ForCausalLM"
     raise CompositionError(
         f"{where}: unknown architecture {arch!r}. Known: {known}. For another architecture add a "
@@ -54,4 +91,5 @@ def layout_for(config: dict, where: str, override=None) -> SplitLayout:
     )
 
 
-__all__ = ["FAMILIES", "Family", "SplitLayout", "layout_for", "LLM", "ENCODER", "CONNECTOR", "OTHER"]
+__all__ = ["FAMILIES", "Family", "Encoder", "TinySource", "SplitLayout", "get_family", "kind_of", "tiny_sources",
+           "layout_for", "LLM", "ENCODER", "CONNECTOR", "OTHER"]

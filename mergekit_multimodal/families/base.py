@@ -1,13 +1,24 @@
-"""What a reader needs to know about one checkpoint family: where its LLM and modality parts live.
+"""Everything the package knows about one checkpoint family, declared in one `Family` value.
 
-A family is pure data. `SplitLayout` turns it (or a YAML override) into a function from a
-checkpoint tensor name to (part, composite name).
+A family file (`families/<name>.py`) declares a module-level `FAMILY = Family(...)`:
+
+- how its checkpoints split: where the LLM sits (`llm_prefixes`), which prefixes are the encoder
+  and the connector, which config.json keys hold the placeholder id (composing);
+- what its modality is (`kind`) and the card's `pipeline_tag`;
+- how the loader runs its encoder + connector (`encoder`: features from the processor outputs
+  it names, optionally its own loader and feature grid) and how its processor turns media files
+  into those outputs (`preprocessor`) (running);
+- optionally how a ModelCompose projector maps onto its connector (DAMC sources);
+- the tiny stand-ins of its real classes that tests and the built-in example build (`tiny`).
+
+`SplitLayout` turns a family (or a YAML override) into a function from a checkpoint tensor name
+to (part, composite name).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 #: Where the language model sits in multimodal checkpoints. transformers 5 still *writes* the
 #: legacy layout; conversions since 4.52 may carry the new one. Both map onto plain causal-LM names.
@@ -24,10 +35,51 @@ ENCODER = "encoder"
 CONNECTOR = "connector"
 OTHER = "other"
 
+#: model, its config, the processor outputs of a batch of items -> one [tokens, hidden] per item
+FeatureFn = Callable[..., List["object"]]
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """How the loader runs a family's encoder + connector on processor outputs."""
+
+    #: (model, config, media) -> one feature matrix [tokens, hidden] per item, exactly as the source
+    #: model's forward computes them before scattering them into its embeddings
+    features: FeatureFn
+    #: the media keys `features` needs, in the names the family's processor gives them
+    inputs: Tuple[str, ...]
+    #: (directory, dtype) -> (model, config), for a family that is not a transformers class;
+    #: transformers families are rebuilt with their own class from the stored config
+    load: Optional[Callable] = None
+    #: (config, media) -> each item's (rows, columns) of features, for families whose prompts break
+    #: an image's rows apart with special tokens (Mistral3: `[IMG_BREAK]` ... `[IMG_END]`)
+    grid: Optional[Callable] = None
+
+
+@dataclass(frozen=True)
+class TinySource:
+    """A tiny, random stand-in of one real class of the family, for tests and the example
+    (`mergekit_multimodal.testing.build_tiny_family` builds it; nothing is downloaded)."""
+
+    model_class: str  # transformers class name
+    config_class: str
+    encoder_key: str  # the config field holding the encoder's config
+    encoder_config: Callable[[int], dict]  # hidden size -> the encoder's config
+    added_tokens: Tuple[str, ...]  # special tokens its tokenizer adds, in id order
+    placeholder_fields: Mapping[str, str]  # config field -> placeholder token
+    processor: Callable[[], object]  # -> a processor object saved with the checkpoint
+    seed: int  # its seed stream: a source's tensors never depend on which others are built
+    modality: str  # the modality name tests and the example give it
+    pad_token: Optional[str] = None
+    vocab_multiple: int = 1  # LLaVA-1.5 pads its vocabulary to a multiple of 8 (32002 -> 32064)
+    extra_config: Mapping[str, object] = field(default_factory=dict)
+    placeholder: Optional[str] = None  # a composite placeholder to use instead of its own
+    in_example: bool = False  # part of the built-in example (`mergekit-mm-example`)
+
 
 @dataclass(frozen=True)
 class Family:
-    """One checkpoint family (one transformers class), described by its tensor-name prefixes."""
+    """One checkpoint family (one or more transformers classes with the same layout)."""
 
     name: str
     architectures: Tuple[str, ...]
@@ -39,6 +91,17 @@ class Family:
     llm_prefixes: Tuple[Tuple[str, str], ...] = MLLM_LLM_PREFIXES
     #: True for a plain causal LM: there is no modality part, and a placeholder is never needed
     text_only: bool = False
+    #: the kind of media its modality takes: image, video, audio, point_cloud
+    kind: Optional[str] = None
+    #: the Hub pipeline tag of a composite whose sources are all of this kind
+    pipeline_tag: str = "any-to-any"
+    encoder: Optional[Encoder] = None
+    #: (directory of the stored processor files, num_frames=None) -> items -> processor outputs
+    preprocessor: Optional[Callable] = None
+    #: ModelCompose's mlp2x_gelu projector keys -> this family's connector tensor names (DAMC)
+    modelcompose_projector: Optional[Mapping[str, str]] = None
+    #: tiny stand-ins by name (e.g. "llava", "llava_next"), for tests and the example
+    tiny: Mapping[str, TinySource] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

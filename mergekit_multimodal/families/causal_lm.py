@@ -1,4 +1,4 @@
-"""A plain causal LM (`*ForCausalLM`) as the base: all of it is LLM."""
+"""A plain causal LM (`*ForCausalLM`, `*LMHeadModel`) as the base: all of it is LLM."""
 
 from mergekit_multimodal.families.base import CAUSAL_LM_PREFIXES, Family
 

@@ -20,7 +20,7 @@ from torch import nn
 from mergekit_multimodal import layout as L
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.routes import _loader, read_composite_config
-from mergekit_multimodal.runtime.encoders import GRIDS, ModalityEncoder
+from mergekit_multimodal.runtime.encoders import ModalityEncoder
 from mergekit_multimodal.runtime.routing import DenseDelta, LowRankDelta, RouteDelta, RouteState, install_routes
 
 Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor outputs for its items
@@ -257,7 +257,7 @@ def _row_tokens(path: str, cfg: dict, encoders: Dict[str, ModalityEncoder]) -> D
     (PixtralProcessor's defaults otherwise)."""
     import json
 
-    wanted = [m for m, enc in encoders.items() if enc.family in GRIDS]
+    wanted = [m for m, enc in encoders.items() if enc.breaks_rows]
     if not wanted:
         return {}
     try:

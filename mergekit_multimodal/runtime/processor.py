@@ -1,11 +1,8 @@
 """`CompositeProcessor`: text with placeholders + media files -> inputs of `CompositeModel`.
 
-The composite's tokenizer knows every modality's placeholder; each modality's processor config
-(carried from its source into `modalities/<m>/`) is loaded with transformers' own Auto classes, so
-images, audio and video are resized, normalised and featurised exactly as that source expects.
-Video frames go through the source's image processor one frame at a time: transformers' video
-processors need torchvision, which the CPU torch builds we target cannot install; for the LLaVA
-video families both apply the same per-frame resize / crop / normalise.
+The composite's tokenizer knows every modality's placeholder; each modality's media go through
+its family's preprocessor (families/<name>.py; the generic ones are in runtime/preprocess.py),
+built from the processor files carried from its source into `modalities/<m>/`.
 """
 
 from __future__ import annotations
@@ -18,99 +15,8 @@ import torch
 import transformers
 
 from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.families import get_family, kind_of
 from mergekit_multimodal.routes import read_composite_config
-from mergekit_multimodal.runtime import media as M
-from mergekit_multimodal.runtime.point_cloud import PointCloudPreprocessor
-
-#: family -> the kind of media its modality takes (what `images=` / `videos=` / `audios=` fill)
-KIND_OF_FAMILY = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
-                  "qwen2_audio": "audio", "voxtral": "audio", "point_cloud": "point_cloud"}
-
-
-def _quiet(fn: Callable, *args, **kwargs):
-    prev = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()  # "falling back to the PIL backend" on every load
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        transformers.utils.logging.set_verbosity(prev)
-
-
-def _load(auto_cls, directory: str, name: str):
-    try:
-        return _quiet(auto_cls.from_pretrained, directory)
-    except Exception as exc:
-        raise CompositionError(f"{directory}: cannot load the {name} processor config "
-                               f"({type(exc).__name__}: {exc})") from None
-
-
-class ImagePreprocessor:
-    def __init__(self, directory: str, family: str):
-        self.processor = _load(transformers.AutoImageProcessor, directory, "image")
-        self.kwargs = {}
-        if family == "mistral3":  # as PixtralProcessor does: sizes rounded to whole merged patches
-            cfg = transformers.AutoConfig.from_pretrained(directory)
-            side = cfg.vision_config.patch_size * cfg.spatial_merge_size
-            self.kwargs["patch_size"] = {"height": side, "width": side}
-
-    def __call__(self, items: Sequence[Any]) -> Dict[str, torch.Tensor]:
-        out = _quiet(self.processor, images=[M.load_image(i) for i in items], return_tensors="pt", **self.kwargs)
-        return {k: v for k, v in out.items() if k in ("pixel_values", "image_sizes")}
-
-
-class VideoPreprocessor:
-    """Frames sampled to the source's `num_frames` (when its video config names one), then the
-    source's image processor per frame -> `pixel_values_videos` [videos, frames, 3, H, W]."""
-
-    def __init__(self, directory: str, family: str, num_frames: Optional[int] = None):
-        self.processor = _load(transformers.AutoImageProcessor, directory, "video")
-        self.num_frames = num_frames or _num_frames(directory)
-
-    def __call__(self, items: Sequence[Any]) -> Dict[str, torch.Tensor]:
-        videos = [M.sample_frames(M.load_video(i), self.num_frames) for i in items]
-        counts = sorted({len(v) for v in videos})
-        if len(counts) > 1:
-            raise CompositionError(f"videos in one call must have the same number of frames, got {counts}; "
-                                   f"pass num_frames= to CompositeProcessor to sample them to one count")
-        pixels = [_quiet(self.processor, images=list(v), return_tensors="pt")["pixel_values"] for v in videos]
-        return {"pixel_values_videos": torch.stack(pixels)}
-
-
-class AudioPreprocessor:
-    """Waveforms at the feature extractor's rate, padded (or cut) to its window, as the source's processor does."""
-
-    def __init__(self, directory: str, family: str):
-        self.family = family
-        self.extractor = _load(transformers.AutoFeatureExtractor, directory, "audio")
-
-    def __call__(self, items: Sequence[Any]) -> Dict[str, torch.Tensor]:
-        rate = self.extractor.sampling_rate
-        waves = [M.load_audio(i, rate) for i in items]
-        out = self.extractor(waves, sampling_rate=rate, return_attention_mask=True, padding="max_length",
-                             return_tensors="pt")
-        media = {"input_features": out["input_features"]}
-        if self.family == "qwen2_audio":
-            media["feature_attention_mask"] = out["attention_mask"]
-        return media
-
-
-#: family -> preprocessor factory(directory, family)
-PREPROCESSORS: Dict[str, Callable] = {
-    "llava": ImagePreprocessor, "mistral3": ImagePreprocessor,
-    "video_llava": VideoPreprocessor, "llava_next_video": VideoPreprocessor,
-    "qwen2_audio": AudioPreprocessor, "voxtral": AudioPreprocessor,
-    "point_cloud": PointCloudPreprocessor,
-}
-
-
-def _num_frames(directory: str) -> Optional[int]:
-    import json
-
-    path = os.path.join(directory, "video_preprocessor_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f).get("num_frames")
-    return None
 
 
 class CompositeProcessor:
@@ -142,17 +48,14 @@ class CompositeProcessor:
             raise CompositionError(f"{path}: the composite's tokenizer does not load ({type(exc).__name__}: {exc})") from None
         preps = {}
         for m, info in cfg["modalities"].items():
-            factory = PREPROCESSORS.get(info["family"])
+            factory = get_family(info["family"], path).preprocessor
             if factory is None:
-                raise CompositionError(f"{path}: no processor for modality {m!r} of family {info['family']!r} "
-                                       f"(supported: {', '.join(PREPROCESSORS)})")
-            directory = os.path.join(path, info["path"])
-            preps[m] = factory(directory, info["family"], num_frames) if factory is VideoPreprocessor \
-                else factory(directory, info["family"])
+                raise CompositionError(f"{path}: no processor for modality {m!r} of family {info['family']!r}")
+            preps[m] = factory(os.path.join(path, info["path"]), num_frames)
         return cls(path, tok, cfg, preps)
 
     def kind(self, modality: str) -> Optional[str]:
-        return KIND_OF_FAMILY.get(self.composite_config["modalities"][modality]["family"])
+        return kind_of(self.composite_config["modalities"][modality]["family"])
 
     def __call__(self, text: Union[str, Sequence[str]], media: Optional[Mapping[str, Sequence[Any]]] = None, *,
                  images=None, videos=None, audios=None, return_tensors: str = "pt") -> Dict[str, Any]:

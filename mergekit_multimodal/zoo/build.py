@@ -43,8 +43,8 @@ def spec_hash(spec: TR.ZooSpec) -> str:
     h = hashlib.sha256(json.dumps({"v": ZOO_VERSION, **dataclasses.asdict(spec)}, sort_keys=True).encode())
     here = os.path.dirname(__file__)
     # the code that trains the zoo or computes its training features
-    for name in ("data.py", "train.py", "tokenizer.py", "build.py", "../damc_train.py", "../runtime/point_cloud.py",
-                 "../runtime/encoders.py"):
+    for name in ("data.py", "train.py", "tokenizer.py", "build.py", "../damc_train.py", "../runtime/encoders.py",
+                 *(f"../families/{f}.py" for f in sorted(set(TR.FAMILY.values())))):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:12]

@@ -18,8 +18,8 @@ import torch
 import transformers as T
 from torch import nn
 
-from mergekit_multimodal.runtime import point_cloud as PC
-from mergekit_multimodal.runtime.encoders import ADAPTERS
+from mergekit_multimodal.families import get_family
+from mergekit_multimodal.families import point_cloud as PC
 from mergekit_multimodal.zoo import data as D
 from mergekit_multimodal.zoo.tokenizer import build_tokenizer
 
@@ -158,8 +158,8 @@ def _build_mllm(modality: str, spec: ZooSpec, base: T.LlamaForCausalLM, tok) -> 
 
 def _features(modality: str, model, media) -> List[torch.Tensor]:
     if modality == "point_cloud":
-        return PC.adapter(model, None, media)
-    return ADAPTERS[FAMILY[modality]][0](model, model.config, media)
+        return PC.features(model, None, media)
+    return get_family(FAMILY[modality]).encoder.features(model, model.config, media)
 
 
 def _media_tensors(modality: str, items: Sequence[np.ndarray]):
