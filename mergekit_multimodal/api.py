@@ -9,10 +9,10 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from mergekit_multimodal.config import CompositeMergeConfig, is_composite_config, load_config
-from mergekit_multimodal.engine import execute_plan
+from mergekit_multimodal.compose.config import CompositeMergeConfig, is_composite_config, load_config
+from mergekit_multimodal.compose.engine import execute_plan
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.plan import build_plan
+from mergekit_multimodal.compose.plan import build_plan
 
 
 def compose(config: Union[CompositeMergeConfig, dict], out_path: str, options: Optional[MergeOptions] = None,

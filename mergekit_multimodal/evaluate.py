@@ -407,7 +407,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
     composite, temporary = composite_for(model_dir, modality=modality, cache_dir=cache_dir)
     try:
         proc = CompositeProcessor.from_pretrained(composite, num_frames=num_frames)
-        routes = list(proc.modalities) if proc.composite_config.get("routes") else []  # as CompositeModel.route_of
+        routes = list(proc.modalities) if proc.manifest.routes else []  # as CompositeModel.route_of
         if route == "per-token":
             route = None
         if route not in (None, "auto") and route not in routes:
@@ -420,7 +420,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
             if res is None:
                 skipped[q.subset] = skipped.get(q.subset, 0) + 1
                 continue
-            r = resolve_route(route, proc.composite_config, res.values())
+            r = resolve_route(route, proc.manifest, res.values())
             jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels.shown, res),
                                            res))
         if not jobs:

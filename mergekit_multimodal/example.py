@@ -16,7 +16,8 @@ import click
 import yaml
 
 from mergekit_multimodal.api import run_yaml
-from mergekit_multimodal.routes import iter_route, read_composite_config
+from mergekit_multimodal.format.manifest import Manifest
+from mergekit_multimodal.methods.routes import iter_route
 
 def _kinds() -> dict:
     """Tiny stand-in -> its modality, for the families' stand-ins marked `in_example`."""
@@ -41,7 +42,7 @@ def relative_distance(composite: str, modality: str, source_dir: str) -> float:
     from mergekit.common import ModelReference
     from mergekit.options import MergeOptions
 
-    from mergekit_multimodal.checkpoint import Checkpoint
+    from mergekit_multimodal.compose.checkpoint import Checkpoint
 
     src = Checkpoint.open("source", ModelReference.parse(source_dir), MergeOptions())
     base_dir = os.path.join(os.path.dirname(source_dir), "base")
@@ -80,7 +81,7 @@ def main(out_dir: str):
             run_yaml(f.read(), out, MergeOptions(quiet=True), source_name=cfg_path)
         results[method] = out
 
-    cfg = read_composite_config(results["mmer"])
+    cfg = Manifest.read(results["mmer"])
     click.echo(f"\nComposite ({results['mmer']}):")
     for root, _, files in sorted(os.walk(results["mmer"])):
         rel = os.path.relpath(root, results["mmer"])
@@ -90,9 +91,9 @@ def main(out_dir: str):
     click.echo(f"  {'modality':<11}{'placeholder':<14}{'id':>4}  {'mmer route':>10}  {'naive_mc':>9}")
     for kind, t in _kinds().items():
         modality = t.modality
-        m = cfg["modalities"][modality]
+        m = cfg.modalities[modality]
         d = {k: relative_distance(results[k], modality, str(family.sources[kind])) for k in results}
-        click.echo(f"  {modality:<11}{m['placeholder']:<14}{m['placeholder_id']:>4}  {d['mmer']:>10.3f}  {d['naive_mc']:>9.3f}")
+        click.echo(f"  {modality:<11}{m.placeholder:<14}{m.placeholder_id:>4}  {d['mmer']:>10.3f}  {d['naive_mc']:>9.3f}")
     click.echo("\nLower is closer: MMER's masked routes keep each modality near its source; the naive average does not.")
     click.echo(f"Inspect: {results['mmer']}/composite_config.json, README.md; YAMLs in {out_dir}/")
 

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 
 from safetensors import safe_open
 
-from mergekit_multimodal import layout as L
+from mergekit_multimodal.format import files as L
 from mergekit_multimodal.errors import CompositionError
 
 #: attempts per step, and the first wait in seconds (doubled after each failure)

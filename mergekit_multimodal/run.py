@@ -48,7 +48,7 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
         prompt = " ".join(proc.placeholders[m] for m, _ in items if m in proc.placeholders) + " " + prompt
     inputs = proc(prompt, media=by_modality)  # checks files and placeholders before the model loads
     model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
-    with model.route(resolve_route(route, model.composite_config, by_modality)):
+    with model.route(resolve_route(route, model.manifest, by_modality)):
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return proc.decode(new[0], skip_special_tokens=True).strip()
 

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from mergekit_multimodal import compose
-from mergekit_multimodal.masks import unpack_mask
+from mergekit_multimodal.methods.mmer.masks import unpack_mask
 from tests import reference
 from tests.conftest import MODALITY, PLACEHOLDER_OVERRIDE, composite_config, f64, llm_of, read_dir, read_json
 
@@ -238,7 +238,7 @@ def test_tied_and_untied_sources_compose_untied(family, tmp_path):
 
 def test_routes_rebuilt_from_disk_match_the_reference(family, mmer_out):
     """What the loader will run: theta_base + s_i * m_i * tau_*, rebuilt from the composite's files."""
-    from mergekit_multimodal.routes import iter_route
+    from mergekit_multimodal.methods.routes import iter_route
 
     base, sources = _inputs(family)
     kinds = list(family.sources)

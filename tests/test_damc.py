@@ -8,10 +8,10 @@ import torch
 import transformers
 
 from mergekit_multimodal import CompositionError, compose
-from mergekit_multimodal.damc_train import save_decoupled, train_decoupled
-from mergekit_multimodal.decoupled import safe_torch_load
+from mergekit_multimodal.methods.damc.train import save_decoupled, train_decoupled
+from mergekit_multimodal.methods.damc.sources import safe_torch_load
 from mergekit_multimodal.hub import validate_for_push
-from mergekit_multimodal.routes import iter_route
+from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel
 from tests.conftest import read_dir, read_json
 from tests.test_runtime import media_for
@@ -309,7 +309,7 @@ def test_modelcompose_release_composes_and_runs(family, tmp_path):
 
 
 def _read_mc(d, modality="image"):
-    from mergekit_multimodal.decoupled import read_decoupled
+    from mergekit_multimodal.methods.damc.sources import read_decoupled
 
     return read_decoupled(str(d), modality, lambda name: name)
 
@@ -406,7 +406,7 @@ def test_damc_needs_adapters(family, tmp_path):
 def test_training_sequence_with_text_after_the_item(family):
     """prompt, prefix, features, suffix, after, target: only the prefix..suffix span takes the modality
     adapter, and only the target is a loss label (the question after the item is context)."""
-    from mergekit_multimodal.damc_train import _sequence
+    from mergekit_multimodal.methods.damc.train import _sequence
 
     llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
     hidden = llm.config.hidden_size
@@ -505,7 +505,7 @@ def test_connector_trained_with_the_adapters_replaces_the_paired_connector(famil
 def test_collated_batch_keeps_each_tokens_adapter(family):
     """With non-zero, different text and modality adapters, the right-padded batch's loss is the
     target-token-weighted mean of the one-sequence losses: every real token kept its type."""
-    from mergekit_multimodal.damc_train import _Mask, _collate, _sequence, _wrap
+    from mergekit_multimodal.methods.damc.train import _Mask, _collate, _sequence, _wrap
 
     g = torch.Generator().manual_seed(4)
     llm = transformers.AutoModelForCausalLM.from_pretrained(family.base)
@@ -534,7 +534,7 @@ def test_collated_batch_keeps_each_tokens_adapter(family):
 
 def test_connector_names_match_across_layouts():
     """A legacy-named connector.safetensors pairs with a transformers-5 checkpoint and back."""
-    from mergekit_multimodal.decoupled import DecoupledSource, connector_overrides
+    from mergekit_multimodal.methods.damc.sources import DecoupledSource, connector_overrides
 
     t = torch.zeros(3, 2)
     for given, names in ((["multi_modal_projector.linear_1.weight"], ["model.multi_modal_projector.linear_1.weight"]),

@@ -13,10 +13,10 @@ import yaml
 from mergekit.options import MergeOptions
 
 from mergekit_multimodal import compose
-from mergekit_multimodal.card import is_hub_id
-from mergekit_multimodal.config import load_config
+from mergekit_multimodal.compose.card import is_hub_id
+from mergekit_multimodal.compose.config import load_config
 from mergekit_multimodal.hub import validate_for_push
-from mergekit_multimodal.plan import build_plan
+from mergekit_multimodal.compose.plan import build_plan
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

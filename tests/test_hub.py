@@ -27,7 +27,7 @@ from huggingface_hub import ModelCard
 from mergekit.options import MergeOptions
 
 from mergekit_multimodal import compose, hub
-from mergekit_multimodal.card import CardSource, build_card, hub_ids, pipeline_tag
+from mergekit_multimodal.compose.card import CardSource, build_card, hub_ids, pipeline_tag
 from mergekit_multimodal.cli import main as mergekit_mm_yaml
 from mergekit_multimodal.cli import push_main as mergekit_mm_push
 from mergekit_multimodal.errors import CompositionError

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergekit_multimodal.masks import pack_mask, unpack_mask
+from mergekit_multimodal.methods.mmer.masks import pack_mask, unpack_mask
 from mergekit_multimodal.methods import get_method
 from tests import reference
 

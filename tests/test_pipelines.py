@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from mergekit_multimodal import compose
 from mergekit_multimodal.cli import main as mergekit_mm_yaml
-from mergekit_multimodal.routes import iter_route
+from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.testing import build_tiny_family, perturb_like
 from tests.conftest import read_dir
 

@@ -181,7 +181,7 @@ def test_mp4_is_read_with_pyav(tmp_path):
 
 def test_mistral3_row_tokens_missing_from_the_vocabulary_are_named(mistral_family, tmp_path):
     out = compose(composite_config(mistral_family, "mmer", ["mistral3"]), str(tmp_path / "c"))
-    info = CompositeModel.from_pretrained(out).composite_config["modalities"][MODALITY["mistral3"]]
-    (tmp_path / "c" / info["path"] / "processor_config.json").write_text('{"image_break_token": "[NOPE]"}')
+    info = CompositeModel.from_pretrained(out).manifest.modalities[MODALITY["mistral3"]]
+    (tmp_path / "c" / info.path / "processor_config.json").write_text('{"image_break_token": "[NOPE]"}')
     with pytest.raises(CompositionError, match=r"lacks \[NOPE\]"):
         CompositeModel.from_pretrained(out)

@@ -7,8 +7,9 @@ import transformers
 
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.runtime import CompositeModel
-from mergekit_multimodal.runtime.routing import RouteDelta, RouteState, RoutedLinear
-from mergekit_multimodal.masks import pack_mask
+from mergekit_multimodal.methods.mmer import RouteDelta
+from mergekit_multimodal.runtime.routing import RouteState, RoutedLinear
+from mergekit_multimodal.methods.mmer.masks import pack_mask
 from tests.conftest import MODALITY, composite_config
 
 V0 = 96
@@ -39,7 +40,7 @@ def source_logits(family, kind, text="w1 w2 {ph} w3 w4"):
 
 def composite_logits(model, path, kind, modality, text="w1 w2 {ph} w3 w4"):
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    ph = model.composite_config["modalities"][modality]["placeholder"]
+    ph = model.manifest.modalities[modality].placeholder
     ids = tok(text.format(ph=ph), return_tensors="pt").input_ids
     with torch.no_grad():
         return model(ids, media={modality: media_for(kind)}).logits

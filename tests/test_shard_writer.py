@@ -6,7 +6,7 @@ import pytest
 import torch
 from mergekit.io import LazyTensorLoader
 
-from mergekit_multimodal.shard_writer import Entry, PlannedShardWriter
+from mergekit_multimodal.compose.writer import Entry, PlannedShardWriter
 
 
 def _tensors():

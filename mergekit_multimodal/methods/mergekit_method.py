@@ -14,7 +14,7 @@ from mergekit import merge_methods
 from mergekit.merge_methods import BasePolicy, ParameterScope
 
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, ParamDef, TensorParams
+from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, TensorParams
 
 
 class MergekitMethod(CompositeMethod):
@@ -24,23 +24,12 @@ class MergekitMethod(CompositeMethod):
     """
 
     def __init__(self, name: str):
-        self.method = merge_methods.get(name)
-        self.name = name
-        spec = self.method.spec
-        self.uses_base = spec.contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
-        self.param_defs = tuple(
-            ParamDef(
-                p.name,
-                None if p.required else p.default,
-                per_source=p.scope != ParameterScope.SHARED,
-                validate=p.validate,
-            )
-            for p in spec.parameters
-        )
+        self.kernel = merge_methods.get(name)
+        self.uses_base = self.kernel.spec.contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
 
     def check_parameters(self, global_params, source_params, where):
         super().check_parameters(global_params, source_params, where)
-        for p in self.method.spec.parameters:
+        for p in self.parameters:
             if p.required and p.name not in global_params and not all(p.name in sp for sp in source_params):
                 raise CompositionError(f"{where}: merge_method {self.name} needs parameter {p.name!r}")
 
@@ -54,7 +43,7 @@ class MergekitMethod(CompositeMethod):
             ids = ["base"] + ids
             base_index = 0
         bound: dict[str, Any] = {}
-        for p in self.method.spec.parameters:
+        for p in self.parameters:
             if p.scope == ParameterScope.SHARED:
                 if params.shared.get(p.name) is not None:
                     bound[p.name] = params.shared[p.name]
@@ -66,5 +55,5 @@ class MergekitMethod(CompositeMethod):
                 values = {"base": params.shared.get(p.name) if params.shared.get(p.name) is not None else p.default,
                           **values}
             bound[p.name] = values
-        merged = merge_methods.merge_tensors(tensors, self.method, parameters=bound, ids=ids, base_index=base_index)
+        merged = merge_methods.merge_tensors(tensors, self.kernel, parameters=bound, ids=ids, base_index=base_index)
         return MergeOutput(merged.to(sources[0].dtype))

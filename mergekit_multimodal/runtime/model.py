@@ -17,43 +17,48 @@ import torch
 import transformers
 from torch import nn
 
-from mergekit_multimodal import layout as L
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.routes import _loader, read_composite_config
+from mergekit_multimodal.format.manifest import Manifest
 from mergekit_multimodal.runtime.encoders import ModalityEncoder
-from mergekit_multimodal.runtime.routing import DenseDelta, LowRankDelta, RouteDelta, RouteState, install_routes
+from mergekit_multimodal.runtime.routing import RouteState, install_routes
 
 Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor outputs for its items
 
 
-def auto_route(composite_config: dict, modalities) -> Optional[str]:
+def _method(manifest: Manifest):
+    from mergekit_multimodal.methods import get_method
+
+    return get_method(manifest.merge_method)
+
+
+def auto_route(manifest: Manifest, modalities) -> Optional[str]:
     """The route `--route auto` picks: the one modality of an input whose items are all of one
-    modality, when the composite is MMER (its routes rebuild that source's own parameters); else
-    None, per-token routing. DAMC stays per-token: its text tokens need the text adapters."""
+    modality, when the composite's routes rebuild each source's own parameters (the method's
+    `whole_input_routes`: MMER); else None, per-token routing. DAMC stays per-token: its text
+    tokens need the text adapters."""
     mods = set(modalities)
-    routes = composite_config.get("routes") or {}
-    if len(mods) == 1 and routes and routes.get("kind", "mmer") == "mmer":
+    if len(mods) == 1 and manifest.routes and _method(manifest).whole_input_routes:
         (m,) = mods
-        return m if m in composite_config["modalities"] else None
+        return m if m in manifest.modalities else None
     return None
 
 
-def resolve_route(route: Optional[str], composite_config: dict, modalities) -> Optional[str]:
+def resolve_route(route: Optional[str], manifest: Manifest, modalities) -> Optional[str]:
     """A route option for one input: "auto" -> `auto_route`; None or "per-token" -> None (per-token
     routing); a modality name as given."""
     if route == "auto":
-        return auto_route(composite_config, modalities)
+        return auto_route(manifest, modalities)
     return None if route == "per-token" else route
 
 
 class CompositeModel(nn.Module):
     def __init__(self, path: str, llm: transformers.PreTrainedModel, encoders: Dict[str, ModalityEncoder],
-                 config: dict, state: RouteState):
+                 manifest: Manifest, state: RouteState):
         super().__init__()
-        self.path, self.llm, self.encoders, self.composite_config, self.state = path, llm, encoders, config, state
-        self.modalities: List[str] = list(config["modalities"])
-        self.placeholder_ids = {m: config["modalities"][m]["placeholder_id"] for m in self.modalities}
-        self.route_of = {m: i + 1 for i, m in enumerate(self.modalities)} if config.get("routes") else {}
+        self.path, self.llm, self.encoders, self.manifest, self.state = path, llm, encoders, manifest, state
+        self.modalities: List[str] = list(manifest.modalities)
+        self.placeholder_ids = {m: manifest.modalities[m].placeholder_id for m in self.modalities}
+        self.route_of = manifest.route_ids()
         self.embed_delta: Optional[RouteDelta] = None  # resident only for a tied head, else read by route()
         self._embed_name = ""
         #: DAMC: learned embeddings placed before / after each item's features, on its modality's route
@@ -72,7 +77,7 @@ class CompositeModel(nn.Module):
         memory for prefill speed: those modalities' dense linear weights are kept once built
         (+1x the routed weights each) instead of being rebuilt per forward.
         """
-        cfg = read_composite_config(path)
+        cfg = Manifest.read(path)
         if device is None and isinstance(device_map, (str, torch.device)):
             device = device_map
         if device == "auto":  # one device: the composite's routes are not split across devices
@@ -89,20 +94,20 @@ class CompositeModel(nn.Module):
         embed_delta = None
         embed_name = _embedding_param_name(llm)
         tied = bool(llm.config.tie_word_embeddings)
-        if cfg.get("routes"):
+        if cfg.routes:
             # The embedding's delta only serves whole-input routes (modality tokens have no
             # embeddings), so it is read when `route()` is entered, unless a tied head needs it.
             skip = () if tied else (embed_name,)
-            deltas = _read_route_deltas(path, cfg, list(cfg["modalities"]), llm.dtype, skip=skip)
+            deltas = _method(cfg).read_deltas(path, cfg, list(cfg.modalities), llm.dtype, skip=skip)
             embed_delta = deltas.get(embed_name)
             if tied and embed_delta is not None:
                 deltas.setdefault("lm_head.weight", embed_delta)  # a tied head follows its embedding
             install_routes(llm, deltas, state)
         llm.to(device).eval()
         encoders = {}
-        for m in (cfg["modalities"] if modalities is None else modalities):
-            info = cfg["modalities"][m]
-            encoders[m] = ModalityEncoder(m, info["family"], os.path.join(path, info["path"]), llm.dtype, device)
+        for m in (cfg.modalities if modalities is None else modalities):
+            info = cfg.modalities[m]
+            encoders[m] = ModalityEncoder(m, info.family, os.path.join(path, info.path), llm.dtype, device)
         model = cls(path, llm, encoders, cfg, state)
         unknown = [m for m in resident_routes if m not in model.route_of]
         if unknown:
@@ -111,9 +116,9 @@ class CompositeModel(nn.Module):
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
         model._embed_name = embed_name
         model.row_tokens = _row_tokens(path, cfg, encoders)
-        for m, info in cfg["modalities"].items():
-            if info.get("prefix_suffix"):
-                model.affixes[m] = _read_affixes(os.path.join(path, info["prefix_suffix"]), llm.dtype, device)
+        for m, info in cfg.modalities.items():
+            if info.prefix_suffix:
+                model.affixes[m] = _read_affixes(os.path.join(path, info.prefix_suffix), llm.dtype, device)
         return model
 
     @property
@@ -139,8 +144,8 @@ class CompositeModel(nn.Module):
         old, old_embed = self.state.whole, self.embed_delta
         self.state.whole = self.route_of.get(modality) if modality else None
         if self.state.whole and self.embed_delta is None:  # read now, dropped on exit (see from_pretrained)
-            cfg = self.composite_config
-            found = _read_route_deltas(self.path, cfg, self.modalities, self.dtype, only=(self._embed_name,))
+            found = _method(self.manifest).read_deltas(self.path, self.manifest, self.modalities, self.dtype,
+                                                       only=(self._embed_name,))
             self.embed_delta = found[self._embed_name].to(self.device) if found else None
         try:
             yield self
@@ -251,7 +256,7 @@ class CompositeModel(nn.Module):
             self.state.set_tokens(None)
 
 
-def _row_tokens(path: str, cfg: dict, encoders: Dict[str, ModalityEncoder]) -> Dict[str, Tuple[int, int]]:
+def _row_tokens(path: str, cfg: Manifest, encoders: Dict[str, ModalityEncoder]) -> Dict[str, Tuple[int, int]]:
     """Modality -> (row-break id, end id) in the composite's vocabulary, for the families whose
     image prompts break rows (Mistral3). Token names come from the source's processor_config.json
     (PixtralProcessor's defaults otherwise)."""
@@ -268,14 +273,14 @@ def _row_tokens(path: str, cfg: dict, encoders: Dict[str, ModalityEncoder]) -> D
     out = {}
     for m in wanted:
         names = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
-        pc = os.path.join(path, cfg["modalities"][m]["path"], "processor_config.json")
+        pc = os.path.join(path, cfg.modalities[m].path, "processor_config.json")
         if os.path.isfile(pc):
             with open(pc, encoding="utf-8") as f:
                 names.update({k: v for k, v in json.load(f).items() if k in names and isinstance(v, str)})
         ids = [tok.convert_tokens_to_ids(t) for t in names.values()]
         missing = [t for t, i in zip(names.values(), ids) if i is None or i == tok.unk_token_id]
         if missing:
-            raise CompositionError(f"{path}: modality {m!r} ({cfg['modalities'][m]['family']}) lays its images out "
+            raise CompositionError(f"{path}: modality {m!r} ({cfg.modalities[m].family}) lays its images out "
                                    f"with {', '.join(names.values())}, but the composite's tokenizer lacks "
                                    f"{', '.join(missing)}; recompose from a source whose tokenizer has them")
         out[m] = tuple(ids)
@@ -285,61 +290,6 @@ def _row_tokens(path: str, cfg: dict, encoders: Dict[str, ModalityEncoder]) -> D
 def _embedding_param_name(llm: nn.Module) -> str:
     emb = llm.get_input_embeddings()
     return next(f"{n}.weight" for n, m in llm.named_modules() if m is emb)
-
-
-def _read_route_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.dtype,
-                       skip: Sequence[str] = (), only: Optional[Sequence[str]] = None) -> Dict[str, RouteDelta]:
-    """One RouteDelta per routed LLM tensor: tau_* in the model's dtype, masks kept packed."""
-    if cfg["routes"].get("kind") == "damc":
-        return _read_damc_deltas(path, cfg, modalities, dtype, skip, only)
-    rdir = os.path.join(path, cfg["routes"]["dir"])
-    tv, masks = _loader(rdir, cfg["routes"]["task_vector"]), _loader(rdir, cfg["routes"]["masks"])
-    deltas = {}
-    for name in tv.index.tensor_paths:
-        if name.endswith(":alpha") or name in skip or (only is not None and name not in only):
-            continue
-        try:
-            deltas[name] = RouteDelta(
-                tv.get_tensor(name).to(dtype),
-                [masks.get_tensor(L.mask_key(m, name)) for m in modalities],
-                [masks.get_tensor(L.scale_key(m, name)).item() for m in modalities],
-                tv.get_tensor(L.alpha_key(name)).item(),
-            )
-        except KeyError as exc:
-            raise CompositionError(f"{rdir}: route data for {name!r} is incomplete (missing {exc})") from None
-    return deltas
-
-
-def _read_damc_deltas(path: str, cfg: dict, modalities: List[str], dtype: torch.dtype,
-                      skip: Sequence[str] = (), only: Optional[Sequence[str]] = None):
-    """DAMC routes (docs/format.md): LoRA factors per route (`LowRankDelta`) or dense deltas (`DenseDelta`).
-    Route ids follow the order of `modalities` in composite_config.json."""
-    rdir = os.path.join(path, cfg["routes"]["dir"])
-    ld = _loader(rdir, cfg["routes"]["damc"])
-    route_of = {m: i + 1 for i, m in enumerate(cfg["modalities"])}
-    grouped: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}  # tensor -> route -> factor -> tensor
-    for key in ld.index.tensor_paths:
-        route, _, rest = key.partition("/")
-        tensor, _, factor = rest.partition(":")
-        if tensor in skip or (only is not None and tensor not in only):
-            continue
-        if route != L.TEXT_ROUTE and route not in route_of:
-            raise CompositionError(f"{rdir}: route tensor {key!r} names no modality of the composite")
-        if route != L.TEXT_ROUTE and route not in modalities:
-            continue
-        grouped.setdefault(tensor, {}).setdefault(route, {})[factor or "dense"] = ld.get_tensor(key).to(dtype)
-    deltas = {}
-    for tensor, routes in grouped.items():
-        try:
-            if any("dense" in d for d in routes.values()):  # densify, or a dense source delta
-                deltas[tensor] = DenseDelta({route_of[m]: d["dense"] for m, d in routes.items()})
-                continue
-            text = routes.pop(L.TEXT_ROUTE, None)
-            deltas[tensor] = LowRankDelta(None if text is None else (text["A"], text["B"]),
-                                          {route_of[m]: (d["A"], d["B"]) for m, d in routes.items()})
-        except KeyError as exc:
-            raise CompositionError(f"{rdir}: route data for {tensor!r} is incomplete (missing {exc})") from None
-    return deltas
 
 
 def _read_affixes(file: str, dtype: torch.dtype, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -16,7 +16,7 @@ import transformers
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import get_family, kind_of
-from mergekit_multimodal.routes import read_composite_config
+from mergekit_multimodal.format.manifest import Manifest
 
 
 class CompositeProcessor:
@@ -32,30 +32,30 @@ class CompositeProcessor:
     the composite takes that kind of media.
     """
 
-    def __init__(self, path: str, tokenizer, config: dict, preprocessors: Dict[str, Callable]):
-        self.path, self.tokenizer, self.composite_config = path, tokenizer, config
+    def __init__(self, path: str, tokenizer, manifest: Manifest, preprocessors: Dict[str, Callable]):
+        self.path, self.tokenizer, self.manifest = path, tokenizer, manifest
         self.preprocessors = preprocessors
-        self.modalities: List[str] = list(config["modalities"])
-        self.placeholders = {m: config["modalities"][m]["placeholder"] for m in self.modalities}
-        self.placeholder_ids = {m: config["modalities"][m]["placeholder_id"] for m in self.modalities}
+        self.modalities: List[str] = list(manifest.modalities)
+        self.placeholders = {m: manifest.modalities[m].placeholder for m in self.modalities}
+        self.placeholder_ids = {m: manifest.modalities[m].placeholder_id for m in self.modalities}
 
     @classmethod
     def from_pretrained(cls, path: str, num_frames: Optional[int] = None) -> "CompositeProcessor":
-        cfg = read_composite_config(path)
+        cfg = Manifest.read(path)
         try:
             tok = transformers.AutoTokenizer.from_pretrained(path)
         except Exception as exc:
             raise CompositionError(f"{path}: the composite's tokenizer does not load ({type(exc).__name__}: {exc})") from None
         preps = {}
-        for m, info in cfg["modalities"].items():
-            factory = get_family(info["family"], path).preprocessor
+        for m, info in cfg.modalities.items():
+            factory = get_family(info.family, path).preprocessor
             if factory is None:
-                raise CompositionError(f"{path}: no processor for modality {m!r} of family {info['family']!r}")
-            preps[m] = factory(os.path.join(path, info["path"]), num_frames)
+                raise CompositionError(f"{path}: no processor for modality {m!r} of family {info.family!r}")
+            preps[m] = factory(os.path.join(path, info.path), num_frames)
         return cls(path, tok, cfg, preps)
 
     def kind(self, modality: str) -> Optional[str]:
-        return kind_of(self.composite_config["modalities"][modality]["family"])
+        return kind_of(self.manifest.modalities[modality].family)
 
     def __call__(self, text: Union[str, Sequence[str]], media: Optional[Mapping[str, Sequence[Any]]] = None, *,
                  images=None, videos=None, audios=None, return_tensors: str = "pt") -> Dict[str, Any]:

@@ -239,7 +239,7 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
     """A DAMC-decoupled source (docs/damc.md, form 1): text and modality LoRA adapters trained on the
     frozen base LM with `damc_train.train_decoupled`, on the same own-modality examples as the plain
     source, with that source's trained encoder + connector frozen as the feature extractor."""
-    from mergekit_multimodal.damc_train import save_decoupled, train_decoupled
+    from mergekit_multimodal.methods.damc.train import save_decoupled, train_decoupled
 
     seed = spec.seed * 100 + 50 + offset
     torch.manual_seed(seed)

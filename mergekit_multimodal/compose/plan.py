@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from mergekit.common import dtype_from_name
 from mergekit.options import MergeOptions
 
-from mergekit_multimodal.checkpoint import Checkpoint
-from mergekit_multimodal.config import CompositeMergeConfig
-from mergekit_multimodal.decoupled import DecoupledSource, connector_overrides, projector_overrides, read_decoupled
-from mergekit_multimodal.families import CONNECTOR, LLM
+from mergekit_multimodal.compose.checkpoint import Checkpoint
+from mergekit_multimodal.compose.config import CompositeMergeConfig
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.methods import CompositeMethod, get_method
-from mergekit_multimodal.vocab import EMBED, HEAD, VocabPlan, load_tokenizer, plan_vocabulary
+from mergekit_multimodal.compose.vocab import EMBED, HEAD, VocabPlan, load_tokenizer, plan_vocabulary
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -51,18 +49,11 @@ class CompositePlan:
     compute_dtype: torch.dtype
     global_params: Dict
     source_params: List[Dict]
-    #: damc: each source's decoupled deltas, and connector tensors replaced by a ModelCompose projector
-    decoupled: Optional[List[DecoupledSource]] = None
+    #: what the method read beyond the checkpoints (`CompositeMethod.plan_sources`; DAMC: each
+    #: source's decoupled deltas)
+    method_state: Any = None
+    #: per source, connector tensors replaced (DAMC: a trained connector or a ModelCompose projector)
     connector_overrides: Optional[List[Dict[str, torch.Tensor]]] = None
-
-    @property
-    def routed(self) -> bool:
-        """MMER routes (task vector + masks); DAMC's are `damc`."""
-        return self.method.name == "mmer"
-
-    @property
-    def damc(self) -> bool:
-        return self.decoupled is not None
 
 
 def _num_layers(names) -> int:
@@ -77,15 +68,7 @@ def build_plan(config: CompositeMergeConfig, options: MergeOptions) -> Composite
     method.check_parameters(global_params, source_params, "config")
 
     base = Checkpoint.open("base_model", config.base_model, options, config.base_layout)
-    if method.name == "damc":
-        from mergekit_multimodal.decoupled import is_modelcompose
-
-        for i, m in enumerate(config.models):
-            if m.model.lora is None and is_modelcompose(m.model.model.path):
-                raise CompositionError(
-                    f"models[{i}] ({m.modality}): {m.model.model.path} is a ModelCompose release, which holds no "
-                    "encoder; set `model:` to an MLLM checkpoint with that encoder (e.g. a LLaVA checkpoint) and "
-                    "`adapters:` to the ModelCompose directory")
+    method.check_config(config)
     sources = [
         Checkpoint.open(f"models[{i}] ({m.modality})", m.model, options, m.layout)
         for i, m in enumerate(config.models)
@@ -142,12 +125,7 @@ def build_plan(config: CompositeMergeConfig, options: MergeOptions) -> Composite
         out_dtype = dtype_from_name(config.out_dtype or config.dtype) or base.shapes[base.key(name)][1]
         jobs.append(TensorJob(name, shape, is_vocab, t, out_dtype))
 
-    decoupled = overrides = None
-    if method.name == "damc":
-        decoupled, overrides = _read_decoupled_sources(config, base, sources, modalities)
-    return CompositePlan(
-        decoupled=decoupled,
-        connector_overrides=overrides,
+    plan = CompositePlan(
         config=config,
         options=options,
         method=method,
@@ -162,41 +140,5 @@ def build_plan(config: CompositeMergeConfig, options: MergeOptions) -> Composite
         global_params=global_params,
         source_params=source_params,
     )
-
-
-def _read_decoupled_sources(config, base: Checkpoint, sources: List[Checkpoint], modalities: List[str]):
-    """Read every source's adapters and check each delta against the base tensor it modifies."""
-    decoupled, overrides = [], []
-    for src, m, entry in zip(sources, modalities, config.models):
-        where = f"{src.label} adapters {entry.adapters}"
-
-        def name_map(name: str, src=src, where=where) -> str:
-            part, mapped = src.layout.classify(name)
-            if part != LLM:
-                mapped = name  # already a causal-LM name (ModelCompose, a plain LM trained alone)
-            if mapped not in base.llm:
-                raise CompositionError(f"{where}: adapter module {name!r} is not a linear layer of the base's LLM")
-            if mapped in (EMBED, HEAD):
-                raise CompositionError(f"{where}: adapters on {mapped!r} are not supported (vocabulary rows)")
-            return mapped
-
-        dec = read_decoupled(entry.adapters, m, name_map, entry.adapter_name)
-        for kind, deltas in (("text", dec.text), (dec.adapter, dec.modality)):
-            for name, lr in deltas.items():
-                if tuple(lr.shape) != tuple(base.llm_shape(name)):
-                    raise CompositionError(f"{where}: {kind} adapter on {name!r} gives a delta of shape "
-                                           f"{list(lr.shape)}, the base tensor has {list(base.llm_shape(name))}")
-        hidden = base.llm_shape(EMBED)[-1]
-        for kind, t in (("prefix", dec.prefix), ("suffix", dec.suffix)):
-            if t is not None and t.shape[-1] != hidden:
-                raise CompositionError(f"{where}: {kind}_tokens.{dec.adapter} has width {t.shape[-1]}, the LLM's hidden size is {hidden}")
-        if dec.form == "modelcompose" and not src.parts.get("encoder"):
-            raise CompositionError(
-                f"{src.label}: {src.path} holds no encoder; a ModelCompose release does not ship one "
-                f"(its config names {dec.encoders or 'none'}). Set `model:` to an MLLM checkpoint with that "
-                "encoder and `adapters:` to the ModelCompose directory")
-        decoupled.append(dec)
-        names = [n for ns in src.parts.values() for n in ns]
-        overrides.append({**projector_overrides(dec, src.layout.family, names, src.shapes, where),
-                          **connector_overrides(dec, src.parts.get(CONNECTOR, []), src.shapes, where)})
-    return decoupled, overrides
+    method.plan_sources(plan)
+    return plan

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 from huggingface_hub import ModelCardData
 
 if TYPE_CHECKING:
-    from mergekit_multimodal.plan import CompositePlan
+    from mergekit_multimodal.compose.plan import CompositePlan
 
 #: modality-name prefixes that say the kind of a source's input (Video-LLaVA also reads images)
 KINDS = ("image", "video", "audio")

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mergekit_multimodal.decoupled import CONNECTOR_FILE, PREFIX_SUFFIX_FILE, TEXT_ADAPTER
+from mergekit_multimodal.methods.damc.sources import CONNECTOR_FILE, PREFIX_SUFFIX_FILE, TEXT_ADAPTER
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -79,13 +79,14 @@ class DecoupledModel:
 
 
 def _wrap(llm: nn.Module, targets: Sequence[str], rank: int, scale: float, mask: _Mask) -> Dict[str, DecoupledLoRALinear]:
-    layers = {}
-    for name, module in list(llm.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child_name in targets:
-                wrapped = DecoupledLoRALinear(child, rank, scale, mask)
-                setattr(module, child_name, wrapped)
-                layers[f"{name}.{child_name}" if name else child_name] = wrapped
+    from mergekit_multimodal.runtime.routing import replace_modules
+
+    def wrap(full: str, child: nn.Module):
+        if isinstance(child, nn.Linear) and full.rsplit(".", 1)[-1] in targets:
+            return DecoupledLoRALinear(child, rank, scale, mask)
+        return None
+
+    layers = replace_modules(llm, wrap)
     if not layers:
         raise ValueError(f"no linear layer named one of {list(targets)} in the model")
     return layers

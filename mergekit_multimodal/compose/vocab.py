@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from mergekit_multimodal.checkpoint import Checkpoint
+from mergekit_multimodal.compose.checkpoint import Checkpoint
 from mergekit_multimodal.errors import CompositionError
 
 LOG = logging.getLogger(__name__)

@@ -28,20 +28,38 @@ Defaults and why are in docs/methods.md. Example YAML::
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Sequence
 
 import torch
+from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup
 
-from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, ParamDef, Routes, TensorParams
+from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, TensorParams, composite_kernel
 
 
-def _choice(*options):
-    def check(value):
-        if value not in options:
-            raise ValueError(f"expected one of {options}, got {value!r}")
-        return value
+@dataclass
+class Routes:
+    """MMER's per-modality routes for one tensor (or row chunk): route_i = base + s_i * masks[i] * task_vector.
 
-    return check
+    s_i = tau_l1[i] / masked_l1[i] when rescaling (EMR), else 1; the sums are kept so the
+    engine can add them up over the row chunks of a tensor before dividing.
+    """
+
+    task_vector: torch.Tensor
+    masks: List[torch.Tensor]
+    tau_l1: List[float]
+    masked_l1: List[float]
+    rescale: bool = False
+
+    @property
+    def scales(self) -> List[float]:
+        return scales_from_sums(self.tau_l1, self.masked_l1, self.rescale)
+
+
+def scales_from_sums(tau_l1: Sequence[float], masked_l1: Sequence[float], rescale: bool) -> List[float]:
+    if not rescale:
+        return [1.0] * len(tau_l1)
+    return [n / d if d > 0 else 1.0 for n, d in zip(tau_l1, masked_l1)]
 
 
 def trim_threshold(tau: torch.Tensor, density: float) -> float:
@@ -113,18 +131,44 @@ def masks_for(taus: Sequence[torch.Tensor], tau_star: torch.Tensor, mask: str = 
     return [t.abs() >= lam * (tau_star - t).abs() for t in taus]
 
 
-class MMER(CompositeMethod):
-    name = "mmer"
+def mmer_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], election: str = "max", density: float = 1.0,
+               alpha: float = 1.0, lambda_: float = 1.0, mask: str = "l1", rescale: bool = False,
+               thresholds: Optional[Sequence[float]] = None) -> MergeOutput:
+    """The merged tensor (text route) and the routes of one tensor or row chunk (module docstring)."""
+    if thresholds is None and election == "ties" and density < 1.0:
+        thresholds = [trim_threshold(s - base, density) for s in sources]
+    taus = [s - base for s in sources]
+    tau_star = elect(taus, election, thresholds)
+    masks = masks_for(taus, tau_star, mask, lambda_)
+    if rescale:
+        tau_l1 = [t.abs().sum().item() for t in taus]
+        masked_l1 = [torch.where(m, tau_star.abs(), 0.0).sum().item() for m in masks]
+    else:
+        tau_l1 = masked_l1 = [0.0] * len(taus)
+    merged = base + alpha * tau_star
+    return MergeOutput(merged, Routes(tau_star, masks, tau_l1, masked_l1, rescale))
+
+
+@composite_kernel(name="mmer", pretty_name="MMER", reference_url="https://arxiv.org/abs/2505.17110",
+                  contract=InputContract(base=BasePolicy.REQUIRED))
+def mmer(group: TensorGroup, election: Literal["max", "ties"] = "max", density: float = 1.0, alpha: float = 1.0,
+         lambda_: float = 1.0, mask: Literal["l1", "sign"] = "l1", rescale: bool = False) -> torch.Tensor:
+    """MMER's parameters, declared once: `election` (how tau_* is elected), `density` (fraction of each
+    tau_i kept before a ties election), `alpha` (scale of tau_* in the text route), `lambda` (mask
+    threshold of the l1 rule), `mask` (mask rule), `rescale` (EMR rescale of each route).
+    As a mergekit method (plain configs) it gives the text route."""
+    base = group.base.tensor.float()
+    sources = [e.tensor.float() for e in group.non_base]
+    out = mmer_merge(base, sources, election, density, alpha, lambda_, mask, rescale)
+    return out.merged.to(group.entries[0].tensor.dtype)
+
+
+class MMERKernel(CompositeMethod):
+    """The merge half of MMER (methods/mmer/__init__.py adds what it writes and reads)."""
+
+    kernel = mmer
     uses_base = True
     chunkable = True
-    param_defs = (
-        ParamDef("election", "max", validate=_choice("max", "ties"), help="how tau_* is elected"),
-        ParamDef("density", 1.0, help="fraction of each tau_i kept before a ties election"),
-        ParamDef("alpha", 1.0, help="scale of tau_* in the text route"),
-        ParamDef("lambda", 1.0, help="mask threshold of the l1 rule"),
-        ParamDef("mask", "l1", validate=_choice("l1", "sign"), help="mask rule"),
-        ParamDef("rescale", False, validate=bool, help="EMR rescale of each route"),
-    )
 
     def prepare(self, base, sources, params, dtype=None):
         """TIES needs each tau_i's whole-tensor magnitude threshold before any chunk is merged."""
@@ -139,13 +183,5 @@ class MMER(CompositeMethod):
         p = params.shared
         if state is None:
             state = self.prepare(base, sources, params)
-        taus = [s - base for s in sources]
-        tau_star = elect(taus, p["election"], state)
-        masks = masks_for(taus, tau_star, p["mask"], p["lambda"])
-        if p["rescale"]:
-            tau_l1 = [t.abs().sum().item() for t in taus]
-            masked_l1 = [torch.where(m, tau_star.abs(), 0.0).sum().item() for m in masks]
-        else:
-            tau_l1 = masked_l1 = [0.0] * len(taus)
-        merged = base + p["alpha"] * tau_star
-        return MergeOutput(merged, Routes(tau_star, masks, tau_l1, masked_l1, p["rescale"]))
+        return mmer_merge(base, sources, p["election"], p["density"], p["alpha"], p["lambda"], p["mask"], p["rescale"],
+                          thresholds=state)

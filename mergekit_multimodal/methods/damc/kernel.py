@@ -7,9 +7,10 @@ shared base W0 (the YAML `base_model`):
     modality-i route:                    W_i    = W0 + dM_i   = W_text - sum_j lambda_j dT_j + dM_i
 
 lambda_i defaults to 1/N. The modality routes are stored low-rank (the factors of the second
-form) unless `densify: true`. Sources are read by `mergekit_multimodal.decoupled`; the engine
-feeds `text_route` with densified text deltas. As a mergekit method on plain full checkpoints,
-`merge` reads dT_i = theta_i - W0 (task arithmetic with weights lambda_i).
+form) unless `densify: true`. Sources are read by `sources.py`; the composite's text route is
+`text_route` over the densified text deltas, row chunk by row chunk (outputs.py). As a mergekit
+method on plain full checkpoints, `merge` reads dT_i = theta_i - W0 (task arithmetic with
+weights lambda_i).
 
 Example YAML::
 
@@ -28,9 +29,10 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
+from mergekit.merge_methods import BasePolicy, InputContract, PerNonBase, TensorGroup
 
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, ParamDef, TensorParams
+from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, TensorParams, composite_kernel
 
 
 def lambdas_of(params: TensorParams, n: int) -> List[float]:
@@ -48,14 +50,25 @@ def text_route(base: torch.Tensor, text_deltas: Sequence[Optional[torch.Tensor]]
     return out
 
 
-class DAMC(CompositeMethod):
-    name = "damc"
+@composite_kernel(name="damc", pretty_name="DAMC", reference_url="https://arxiv.org/abs/2402.12750",
+                  contract=InputContract(base=BasePolicy.REQUIRED))
+def damc(group: TensorGroup, lambda_: PerNonBase[Optional[float]] = None, densify: bool = False) -> torch.Tensor:
+    """DAMC's parameters, declared once: `lambda` (per model: the weight of its text delta, default
+    1/N), `densify` (store dense per-route deltas instead of LoRA factors). As a mergekit method on
+    plain full checkpoints, dT_i = theta_i - W0 (lambda-weighted task arithmetic)."""
+    base = group.base.tensor.float()
+    sources = [e.tensor.float() for e in group.non_base]
+    values = lambda_.values_for(group.non_base)
+    lambdas = [1.0 / len(sources) if v is None else float(v) for v in values]
+    return text_route(base, [s - base for s in sources], lambdas).to(group.entries[0].tensor.dtype)
+
+
+class DAMCKernel(CompositeMethod):
+    """The merge half of DAMC (methods/damc/__init__.py adds its sources, outputs and runtime)."""
+
+    kernel = damc
     uses_base = True
     chunkable = True
-    param_defs = (
-        ParamDef("lambda", None, per_source=True, help="weight of this source's text delta (default 1/N)"),
-        ParamDef("densify", False, validate=bool, help="store dense per-route deltas instead of LoRA factors"),
-    )
 
     def merge(self, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor], params: TensorParams,
               state=None) -> MergeOutput:
