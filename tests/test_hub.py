@@ -11,6 +11,7 @@ with hf_xet installed huggingface_hub uploads through Xet storage, which needs a
 
 import base64
 import hashlib
+import importlib
 import json
 import re
 import shutil
@@ -33,6 +34,9 @@ from mergekit_multimodal.cli import push_main as mergekit_mm_push
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.testing import build_tiny_family, perturb_like
 from tests.conftest import composite_config
+
+# the module the retries read RETRY_BASE_WAIT from (`hub.push` is the function of that name)
+hub_push = importlib.import_module("mergekit_multimodal.hub.push")
 
 # huggingface_hub's own LFS PUT passes a file object as `data=`, which httpx2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning")
@@ -290,7 +294,7 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    monkeypatch.setattr(hub, "RETRY_BASE_WAIT", 0.01)
+    monkeypatch.setattr(hub_push, "RETRY_BASE_WAIT", 0.01)
     yield server
     server.close()
 
