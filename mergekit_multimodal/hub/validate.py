@@ -18,21 +18,16 @@ from mergekit_multimodal import layout as L
 from mergekit_multimodal.errors import CompositionError
 
 
-def _ignored(rel: str) -> bool:
-    """What upload_folder leaves out anyway (its DEFAULT_IGNORE_PATTERNS): .git/ and .cache/huggingface/."""
-    parts = rel.split("/")
-    return ".git" in parts or any(parts[i:i + 2] == [".cache", "huggingface"] for i in range(len(parts)))
-
-
 def list_upload_files(path: str) -> List[str]:
-    """Files under `path` (relative, '/'-separated, sorted) that upload_folder will send."""
+    """Files under `path` (relative, '/'-separated, sorted) that upload_folder will send: all but
+    what it leaves out anyway, filtered as it filters (its DEFAULT_IGNORE_PATTERNS: .git/ and .cache/huggingface/)."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
     out = []
     for dirpath, _, names in os.walk(path):
         for n in names:
-            rel = os.path.relpath(os.path.join(dirpath, n), path).replace(os.sep, "/")
-            if not _ignored(rel):
-                out.append(rel)
-    return sorted(out)
+            out.append(os.path.relpath(os.path.join(dirpath, n), path).replace(os.sep, "/"))
+    return sorted(filter_repo_objects(out, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
 
 
 def _json(path: Path) -> dict:
