@@ -33,7 +33,7 @@ from mergekit_multimodal.cli import main as mergekit_mm_yaml
 from mergekit_multimodal.cli import push_main as mergekit_mm_push
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.testing import build_tiny_family, perturb_like
-from tests.conftest import composite_config
+from tests.helpers import composite_config
 
 # the module the retries read RETRY_BASE_WAIT from (`hub.push` is the function of that name)
 hub_push = importlib.import_module("mergekit_multimodal.hub.push")

@@ -9,7 +9,7 @@ from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.runtime import CompositeModel
 from mergekit_multimodal.runtime.routing import RouteDelta, RouteState, RoutedLinear
 from mergekit_multimodal.masks import pack_mask
-from tests.conftest import MODALITY, composite_config
+from tests.helpers import MODALITY, composite_config
 
 V0 = 96
 MEDIA_TOKENS = {"llava": 4, "qwen2_audio": 8, "video_llava": 2 * 5}  # features per item for the inputs below
