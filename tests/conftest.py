@@ -1,21 +1,9 @@
 """Tiny real-layout checkpoints shared by the tests (built once per session, seconds)."""
 
-import json
-from pathlib import Path
-
 import pytest
-import torch
-from safetensors import safe_open
 
 from mergekit_multimodal.testing import build_tiny_family
-
-from mergekit_multimodal.families import tiny_sources
-from mergekit_multimodal.testing import EXAMPLE_KINDS
-
-KINDS = EXAMPLE_KINDS
-#: tiny stand-in -> the modality name tests give it, and a placeholder where its own is taken
-MODALITY = {k: t.modality for k, (_, t) in tiny_sources().items()}
-PLACEHOLDER_OVERRIDE = {k: t.placeholder for k, (_, t) in tiny_sources().items() if t.placeholder}
+from tests.helpers import KINDS
 
 
 @pytest.fixture(scope="session")
@@ -40,48 +28,3 @@ def tied_family(tmp_path_factory):
     """Tied input/output embeddings (no lm_head tensor), as Mistral3 checkpoints ship."""
     return build_tiny_family(tmp_path_factory.mktemp("tied"), ("mistral3", "llava"), text_family="mistral",
                              tie_word_embeddings=True)
-
-
-def composite_config(fam, method="mmer", kinds=None, parameters=None, **extra):
-    kinds = kinds or list(fam.sources)
-    models = []
-    for k in kinds:
-        entry = {"model": str(fam.sources[k]), "modality": MODALITY[k]}
-        if k in PLACEHOLDER_OVERRIDE:
-            entry["placeholder"] = PLACEHOLDER_OVERRIDE[k]
-        models.append(entry)
-    cfg = {"merge_method": method, "base_model": str(fam.base), "models": models, **extra}
-    if parameters:
-        cfg["parameters"] = parameters
-    return cfg
-
-
-def read_dir(path) -> dict:
-    """Every tensor of a directory's safetensors files (index or single file), read independently."""
-    path = Path(path)
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                out[k] = st.get_tensor(k)
-    return out
-
-
-def read_json(path):
-    return json.loads(Path(path).read_text())
-
-
-def llm_of(tensors: dict) -> dict:
-    """A checkpoint's LLM tensors under causal-LM names, by the documented prefix rules."""
-    out = {}
-    for k, v in tensors.items():
-        for src, dst in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                         ("model.language_model.", "model."), ("lm_head.", "lm_head.")):
-            if k.startswith(src):
-                out[dst + k[len(src):]] = v
-                break
-    return out
-
-
-def f64(t: torch.Tensor):
-    return t.double().numpy()

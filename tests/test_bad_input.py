@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.cli import main as mergekit_mm_yaml
-from tests.conftest import composite_config, read_dir
+from tests.helpers import composite_config, read_dir
 
 KINDS = ["llava", "qwen2_audio"]
 

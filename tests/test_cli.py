@@ -9,7 +9,7 @@ from mergekit.scripts.run_yaml import main as mergekit_yaml
 
 from mergekit_multimodal.testing import perturb_like
 from tests import reference
-from tests.conftest import composite_config, f64, read_dir, read_json
+from tests.helpers import composite_config, f64, read_dir, read_json
 
 from mergekit_multimodal.cli import main as mergekit_mm_yaml
 

@@ -8,7 +8,7 @@ import transformers
 from mergekit_multimodal import compose
 from mergekit_multimodal.methods.mmer.masks import unpack_mask
 from tests import reference
-from tests.conftest import MODALITY, PLACEHOLDER_OVERRIDE, composite_config, f64, llm_of, read_dir, read_json
+from tests.helpers import MODALITY, PLACEHOLDER_OVERRIDE, composite_config, f64, llm_of, read_dir, read_json
 
 V0 = 96  # base vocabulary of the tiny family
 

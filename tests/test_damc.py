@@ -13,7 +13,7 @@ from mergekit_multimodal.methods.damc.sources import safe_torch_load
 from mergekit_multimodal.hub import validate_for_push
 from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel
-from tests.conftest import read_dir, read_json
+from tests.helpers import read_dir, read_json
 from tests.test_runtime import media_for
 
 V0 = 96

@@ -27,7 +27,7 @@ from mergekit_multimodal.evaluate import (
     write_results,
 )
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
-from tests.conftest import composite_config
+from tests.helpers import composite_config
 from tests.test_processor import write_media
 
 LABELS = ["w10", "w11", "w12", "w13"]

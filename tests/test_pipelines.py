@@ -24,7 +24,7 @@ from mergekit_multimodal import compose
 from mergekit_multimodal.cli import main as mergekit_mm_yaml
 from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.testing import build_tiny_family, perturb_like
-from tests.conftest import read_dir
+from tests.helpers import read_dir
 
 # peft calls a transformers method that transformers 5 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

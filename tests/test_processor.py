@@ -15,7 +15,7 @@ from PIL import Image
 
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
-from tests.conftest import MODALITY, composite_config
+from tests.helpers import MODALITY, composite_config
 
 V0 = 96
 PLACEHOLDER = {"llava": "<image>", "video_llava": "<video>", "llava_next_video": "<video>", "qwen2_audio": "<|AUDIO|>",

@@ -8,7 +8,7 @@ from PIL import Image
 
 from mergekit_multimodal import compose
 from mergekit_multimodal.run import main
-from tests.conftest import composite_config
+from tests.helpers import composite_config
 from tests.test_processor import write_media
 
 

@@ -7,10 +7,9 @@ import transformers
 
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.runtime import CompositeModel
-from mergekit_multimodal.methods.mmer import RouteDelta
+from mergekit_multimodal.methods.mmer import RouteDelta, pack_mask
 from mergekit_multimodal.runtime.routing import RouteState, RoutedLinear
-from mergekit_multimodal.methods.mmer.masks import pack_mask
-from tests.conftest import MODALITY, composite_config
+from tests.helpers import MODALITY, composite_config
 
 V0 = 96
 MEDIA_TOKENS = {"llava": 4, "qwen2_audio": 8, "video_llava": 2 * 5}  # features per item for the inputs below

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from mergekit_multimodal import tune as tune_mod
 from mergekit_multimodal.tune import apply_values, tune
-from tests.conftest import read_dir
+from tests.helpers import read_dir
 from tests.test_damc import _factors, _peft_source
 
 NAME = "model.layers.0.self_attn.q_proj.weight"

@@ -1,0 +1,144 @@
+"""Check a composite (or a plain merged model) directory before it is pushed.
+
+`validate_for_push`: every file the loader will read is there and opens (JSON configs, shard
+indexes against their shards, every safetensors header, MMER's routes, the model card), checked
+locally BEFORE the first request, so a half-written composite never lands on the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List
+
+from safetensors import safe_open
+
+from mergekit_multimodal.format import files as L
+from mergekit_multimodal.errors import CompositionError
+
+
+def list_upload_files(path: str) -> List[str]:
+    """Files under `path` (relative, '/'-separated, sorted) that upload_folder will send: all but
+    what it leaves out anyway, filtered as it filters (its DEFAULT_IGNORE_PATTERNS: .git/ and .cache/huggingface/)."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    out = []
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            out.append(os.path.relpath(os.path.join(dirpath, n), path).replace(os.sep, "/"))
+    return sorted(filter_repo_objects(out, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+
+
+def _json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CompositionError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise CompositionError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CompositionError(f"{path}: expected a JSON object")
+    return data
+
+
+def _keys(shard: Path) -> set:
+    """The tensor names in a safetensors file; safe_open checks the header against the file size."""
+    try:
+        with safe_open(str(shard), framework="pt") as f:
+            return set(f.keys())
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt, not safetensors: all the same to the user
+        raise CompositionError(f"{shard}: not a readable safetensors file ({exc})") from None
+
+
+def _check_index(index: Path) -> None:
+    """Every shard an index names exists and holds the tensors the index says it holds."""
+    weight_map = _json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CompositionError(f"{index}: no weight_map")
+    by_shard: dict = {}
+    for tensor, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(tensor)
+    for shard, tensors in sorted(by_shard.items()):
+        file = index.parent / shard
+        if not file.is_file():
+            raise CompositionError(f"{index}: names shard {shard}, which is missing ({file})")
+        if shard.endswith(".safetensors"):
+            missing = [t for t in tensors if t not in _keys(file)]
+            if missing:
+                raise CompositionError(f"{index}: says {file} holds {missing[0]!r} (and {len(missing) - 1} more); it does not")
+
+
+def _check_weights(directory: Path, basename: str, what: str) -> None:
+    """`<basename>.safetensors` or its index (plain merges may also write pytorch_model*.bin)."""
+    names = [f"{basename}.safetensors", f"{basename}.safetensors.index.json"]
+    if basename == "model":
+        names += ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+    if not any((directory / n).is_file() for n in names):
+        raise CompositionError(f"{directory}: {what} has no weights ({' or '.join(names[:2])})")
+
+
+def _check_model_dir(directory: Path, what: str) -> None:
+    if not directory.is_dir():
+        raise CompositionError(f"{directory}: {what} is missing")
+    _json(directory / "config.json")
+    _check_weights(directory, "model", what)
+
+
+def _check_composite(root: Path, cfg_path: Path) -> None:
+    """Through the typed manifest (format version, fields) and the method's own list of route streams."""
+    from mergekit_multimodal.format.manifest import Manifest
+    from mergekit_multimodal.methods import get_method
+
+    manifest = Manifest.read(str(root))
+    _check_model_dir(root / manifest.llm.path, "the merged LLM")
+    for name, info in manifest.modalities.items():
+        _check_model_dir(root / info.path, f"modality {name!r} (named in {L.COMPOSITE_CONFIG})")
+    if manifest.routes:
+        rdir = root / manifest.routes.dir
+        kind = manifest.routes.kind
+        if not rdir.is_dir():
+            raise CompositionError(f"{rdir}: {kind.upper()} routes named in {L.COMPOSITE_CONFIG} are missing")
+        for basename in get_method(manifest.merge_method).route_basenames(manifest):
+            _check_weights(rdir, basename, f"the {kind.upper()} routes ({basename})")
+
+
+def _check_card(readme: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    if not readme.is_file():
+        raise CompositionError(f"{readme}: no model card (it is written unless --no-write-model-card)")
+    try:
+        ModelCard.load(readme)
+    except Exception as exc:  # noqa: BLE001 - bad front matter
+        raise CompositionError(f"{readme}: not a valid model card ({exc})") from None
+
+
+def validate_for_push(path: str) -> List[str]:
+    """Check a composite (or plain merged model) directory is complete; return the files to upload.
+
+    A composite is a directory with composite_config.json; without it, the directory must be a
+    plain model (config.json + weights) and must not hold composite parts. Raises CompositionError
+    naming the first bad file.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CompositionError(f"{path}: no such directory")
+    cfg_path = root / L.COMPOSITE_CONFIG
+    if cfg_path.exists():
+        _check_composite(root, cfg_path)
+    else:
+        for d in (L.MODALITIES_DIR, L.ROUTES_DIR):
+            if (root / d).exists():
+                raise CompositionError(f"{cfg_path}: missing, though {d}/ is there: an incomplete composite")
+        _check_model_dir(root, "the merged model")
+    files = list_upload_files(path)
+    for rel in files:
+        if rel.endswith(".safetensors.index.json"):
+            _check_index(root / rel)
+    for rel in files:
+        if rel.endswith(".safetensors"):
+            _keys(root / rel)
+    _check_card(root / "README.md")
+    return files
