@@ -23,7 +23,7 @@ from mergekit_multimodal.evaluation.prompts import (
 )
 from mergekit_multimodal.evaluation.report import format_table, load_results, plot_results, write_results
 from mergekit_multimodal.evaluation.running import (
-    DTYPES,
+    DTYPE_NAMES,
     evaluate,
     evaluate_accuracy,
     next_token_logits,
@@ -32,8 +32,8 @@ from mergekit_multimodal.evaluation.running import (
 from mergekit_multimodal.evaluation.scoring import EvalResult, SubsetScore
 
 __all__ = [
-    "ANSWER_WITH", "DEFAULT_TEMPLATE", "DTYPES", "KNOWN_MARKERS", "LETTERS", "EvalResult", "Question", "SubsetScore",
-    "build_prompt", "composite_for", "evaluate", "evaluate_accuracy", "format_table", "is_composite",
+    "ANSWER_WITH", "DEFAULT_TEMPLATE", "DTYPE_NAMES", "KNOWN_MARKERS", "LETTERS", "EvalResult", "Question",
+    "SubsetScore", "build_prompt", "composite_for", "evaluate", "evaluate_accuracy", "format_table", "is_composite",
     "label_token_ids", "load_benchmark", "load_results", "next_token_logits", "parse_label", "plot_results",
     "source_modality", "transformers_output", "write_results",
 ]

@@ -9,7 +9,7 @@ from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.evaluation.benchmark import LETTERS
 from mergekit_multimodal.evaluation.prompts import ANSWER_WITH, DEFAULT_TEMPLATE
 from mergekit_multimodal.evaluation.report import format_table, write_results
-from mergekit_multimodal.evaluation.running import DTYPES, evaluate
+from mergekit_multimodal.evaluation.running import DTYPE_NAMES, evaluate
 
 
 @click.command("mergekit-mm-eval")
@@ -17,7 +17,7 @@ from mergekit_multimodal.evaluation.running import DTYPES, evaluate
 @click.argument("benchmark", type=click.Path())
 @click.option("--out", default=None, metavar="DIR", help="Where results go (default: eval-<model name>).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_NAMES)), default=None,
               help="Default: the checkpoint's dtype as transformers loads it.")
 @click.option("--route", default=None, metavar="MODALITY|auto|per-token",
               help="Whole input on this modality's route (MMER retention); 'auto': on an MMER composite, "

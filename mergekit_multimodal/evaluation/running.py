@@ -9,6 +9,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from mergekit.common import dtype_from_name
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.evaluation.benchmark import LETTERS, Question, load_benchmark
@@ -23,7 +24,8 @@ from mergekit_multimodal.evaluation.prompts import (
 )
 from mergekit_multimodal.evaluation.scoring import EvalResult, _score
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the `dtype` names (and --dtype choices) a model is evaluated in; mergekit's dtype_from_name makes the torch dtype
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Question]], *, device: str = "cpu",
@@ -66,8 +68,8 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
     if answer_with not in ANSWER_WITH:
         raise CompositionError(f"answer_with must be one of {', '.join(ANSWER_WITH)}, got {answer_with!r}")
     labels = _Answers(labels, answer_with)
-    if dtype and dtype not in DTYPES:
-        raise CompositionError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if dtype and dtype not in DTYPE_NAMES:
+        raise CompositionError(f"dtype {dtype!r}: choose from {', '.join(DTYPE_NAMES)}")
 
     composite, temporary = composite_for(model_dir, modality=modality, cache_dir=cache_dir)
     try:
@@ -97,7 +99,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
             for items in jobs.values():
                 for q, prompt, _ in items:
                     _label_ids(proc, q, prompt, labels, label_cache)
-        torch_dtype = DTYPES[dtype] if dtype else None
+        torch_dtype = dtype_from_name(dtype)
         with transformers_output(bars=progress):
             model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
         preds: Dict[str, Dict[str, Any]] = {}
