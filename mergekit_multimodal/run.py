@@ -6,10 +6,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 import torch
+from mergekit.common import dtype_from_name
 
 from mergekit_multimodal.errors import CompositionError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: --dtype choices; mergekit's dtype_from_name makes the torch dtype
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _media_option(values: Sequence[str]) -> List[Tuple[str, str]]:
@@ -38,7 +40,7 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
     from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, resolve_route
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = dtype_from_name(dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     proc = CompositeProcessor.from_pretrained(composite, num_frames=num_frames)
     items: List[Tuple[str, str]] = [(proc.modality_of_kind(k), p) for k, p in kinds] + list(media)
     by_modality: Dict[str, List[str]] = {}
@@ -63,7 +65,7 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
 @click.option("--media", "media", multiple=True, metavar="MODALITY=PATH",
               help="A file for a modality by its name in the composite (when several take one kind of media).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_NAMES)), default=None,
               help="Default: bfloat16 on GPU, float32 on CPU.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--route", default="auto", show_default=True, metavar="MODALITY|auto|per-token",

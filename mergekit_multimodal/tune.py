@@ -3,7 +3,7 @@
 DAMC's lambda_i (and MMER's alpha / lambda) are chosen on a validation set (Chen et al., 2024;
 research notes §3). Each candidate is composed into a temporary directory with
 `mergekit_multimodal.api.compose` and scored by `score_fn(composite_dir) -> float` (higher is
-better): the CLI's `--val BENCHMARK` scores with `mergekit_multimodal.evaluate.evaluate_accuracy`,
+better): the CLI's `--val BENCHMARK` scores with `mergekit_multimodal.evaluation.evaluate_accuracy`,
 Python users pass any callback. Strategies: `grid` (every combination) and `coordinate`
 (coordinate descent: one key at a time over its candidates, others fixed, until a round changes
 nothing; far fewer composes when there are several keys). The best values are written back into
@@ -27,7 +27,7 @@ import tqdm
 import yaml
 
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.evaluate import ANSWER_WITH
+from mergekit_multimodal.evaluation import ANSWER_WITH
 
 Space = Mapping[str, Sequence[Any]]
 ScoreFn = Callable[[str], float]
@@ -149,7 +149,7 @@ def tune(config: Union[dict, str], score_fn: ScoreFn, space: Optional[Space] = N
 def _benchmark_scorer(benchmark: str, device: str, limit: Optional[int], **prompt) -> ScoreFn:
     """Overall accuracy on `benchmark` through mergekit-mm-eval's evaluator; `prompt`: its
     template / answer_with / route options, so a model is tuned on the prompt it is used with."""
-    from mergekit_multimodal.evaluate import evaluate_accuracy
+    from mergekit_multimodal.evaluation import evaluate_accuracy
 
     return lambda d: evaluate_accuracy(d, benchmark, device=device, limit=limit, **prompt)
 

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from mergekit_multimodal import CompositionError, compose
-from mergekit_multimodal.evaluate import (
+from mergekit_multimodal.evaluation import (
     EvalResult,
     build_prompt,
     evaluate,
@@ -22,10 +22,10 @@ from mergekit_multimodal.evaluate import (
     label_token_ids,
     load_benchmark,
     load_results,
-    main,
     parse_label,
     write_results,
 )
+from mergekit_multimodal.evaluation.cli import main
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from tests.helpers import composite_config
 from tests.test_processor import write_media

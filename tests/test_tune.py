@@ -57,7 +57,7 @@ def test_coordinate_descent_finds_it_with_fewer_composes(task):
 def test_cli_writes_the_tuned_yaml(task, tmp_path, monkeypatch):
     cfg, score = task
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
-    import mergekit_multimodal.evaluate as ev
+    import mergekit_multimodal.evaluation.running as ev
 
     seen = []
     monkeypatch.setattr(ev, "evaluate", lambda d, bench, limit=None, **kw: seen.append((bench, limit)) or
@@ -74,7 +74,7 @@ def test_cli_writes_the_tuned_yaml(task, tmp_path, monkeypatch):
 
 def test_cli_passes_the_evaluators_prompt_options(task, tmp_path, monkeypatch):
     """--template / --answer-with / --route reach the evaluator, so tuning scores the prompt in use."""
-    import mergekit_multimodal.evaluate as ev
+    import mergekit_multimodal.evaluation.running as ev
 
     cfg, score = task
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))

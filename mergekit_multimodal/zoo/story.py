@@ -21,7 +21,7 @@ from mergekit_multimodal.zoo import data as D
 from mergekit_multimodal.zoo.train import ZooSpec
 
 if TYPE_CHECKING:
-    from mergekit_multimodal.evaluate import EvalResult
+    from mergekit_multimodal.evaluation import EvalResult
 
 #: (row name, merge method, global parameters, per-source parameters, evaluation route).
 #: route "auto": single-modality questions on their own modality's whole-input route (MMER's
@@ -94,7 +94,7 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
     import torch
     from tqdm.auto import tqdm
 
-    from mergekit_multimodal.evaluate import transformers_output
+    from mergekit_multimodal.evaluation import transformers_output
     from mergekit_multimodal.zoo.build import build_zoo, total_steps
 
     threads = torch.get_num_threads()
@@ -140,7 +140,7 @@ def prune_stale_composites(zoo: str, current: str) -> List[str]:
 def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0) -> dict:
     from tqdm.auto import tqdm
 
-    from mergekit_multimodal.evaluate import evaluate, plot_results
+    from mergekit_multimodal.evaluation import evaluate, plot_results
 
     ask = dict(template=TEMPLATE, answer_with="choice", progress=False)
     table: Dict[str, Dict[str, object]] = {}
@@ -229,7 +229,7 @@ def shuffled_media_benchmark(bench: str, seed: int = 0) -> str:
 
 def _sources_row(own: Dict[str, "EvalResult"]) -> "EvalResult":
     """The four sources' own-task scores as one row of the plot."""
-    from mergekit_multimodal.evaluate import EvalResult
+    from mergekit_multimodal.evaluation import EvalResult
 
     subsets = {m: r.subsets[m] for m, r in own.items()}
     correct, total = sum(s.correct for s in subsets.values()), sum(s.total for s in subsets.values())

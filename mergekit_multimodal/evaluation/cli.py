@@ -1,0 +1,72 @@
+"""`mergekit-mm-eval`: the command line over `evaluate` and `write_results`."""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.evaluation.benchmark import LETTERS
+from mergekit_multimodal.evaluation.prompts import ANSWER_WITH, DEFAULT_TEMPLATE
+from mergekit_multimodal.evaluation.report import format_table, write_results
+from mergekit_multimodal.evaluation.running import DTYPE_NAMES, evaluate
+
+
+@click.command("mergekit-mm-eval")
+@click.argument("model", type=click.Path(file_okay=False))
+@click.argument("benchmark", type=click.Path())
+@click.option("--out", default=None, metavar="DIR", help="Where results go (default: eval-<model name>).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_NAMES)), default=None,
+              help="Default: the checkpoint's dtype as transformers loads it.")
+@click.option("--route", default=None, metavar="MODALITY|auto|per-token",
+              help="Whole input on this modality's route (MMER retention); 'auto': on an MMER composite, "
+                   "single-modality questions on their route, others per token. Default: per-token routing.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N questions.")
+@click.option("--subset", "subsets", multiple=True, metavar="NAME", help="Only this subset. Repeatable.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--modality", default=None, help="A single source's modality name (default: from its family).")
+@click.option("--template", default=None,
+              help="Prompt; {question} and {choices} are filled in, \\n is a new line "
+                   "(default: '{question}\\n{choices}\\nAnswer:').")
+@click.option("--labels", default=None, metavar="A,B,C,...",
+              help="Choice labels shown and scored (default: A..Z). Comma-separated.")
+@click.option("--answer-with", type=click.Choice(ANSWER_WITH), default="label", show_default=True,
+              help="label: the model answers with the choice's label (MCUB); choice: with the choice's text.")
+@click.option("--generate", is_flag=True, help="Greedy generation, first label of the answer (MCUB's way).")
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--num-frames", default=None, type=click.IntRange(1), help="Sample each video to this many frames.")
+@click.option("--cache-dir", default=None, metavar="DIR",
+              help="Keep a single source's one-source composite here for reuse (default: a temporary dir).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def main(model, benchmark, out, device, dtype, route, limit, subsets, batch_size, modality, template, labels,
+         answer_with, generate, max_new_tokens, num_frames, cache_dir, quiet):
+    """Multiple-choice accuracy of MODEL (a composite, or one source MLLM) on BENCHMARK
+    (benchmark.jsonl / .json, or a directory holding one); see docs/evaluate.md.
+
+    \b
+    mergekit-mm-eval ./my-composite ./mcub/benchmark.jsonl --out eval-mine
+    mergekit-mm-eval ./llava-1.5-7b ./mcub --subset image --route image
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    template = template.replace("\\n", "\n") if template else DEFAULT_TEMPLATE
+    label_list = tuple(s.strip() for s in labels.split(",")) if labels else LETTERS
+    try:
+        if any(not s for s in label_list) or len(set(label_list)) != len(label_list):
+            raise CompositionError(f"--labels {labels!r}: give distinct, non-empty labels")
+        result = evaluate(model, benchmark, device=device, dtype=dtype, route=route, limit=limit,
+                          batch_size=batch_size, progress=not quiet, subsets=subsets or None, template=template,
+                          labels=label_list, generate=generate, max_new_tokens=max_new_tokens, modality=modality,
+                          cache_dir=cache_dir, num_frames=num_frames, answer_with=answer_with)
+        out = out or f"eval-{result.name}"
+        paths = write_results(result, out)
+    except CompositionError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_table([result]))
+    for s, n in result.skipped.items():
+        click.echo(f"skipped {n} {s} question(s): the model lacks a modality they need", err=True)
+    click.echo(f"results: {paths['results']}, {paths['predictions']}, {paths['plot']}", err=True)
+
+
+if __name__ == "__main__":
+    main()
