@@ -85,11 +85,15 @@ def test_a_corrupt_composite_part_is_named(family, tmp_path):
 
 
 def test_auto_route_picks_a_whole_input_route_only_for_one_modality_on_mmer():
+    from mergekit_multimodal.format.manifest import Manifest, RoutesEntry
     from mergekit_multimodal.runtime import auto_route
 
-    mods = {"image": {}, "audio": {}}
-    assert auto_route({"modalities": mods, "routes": {"kind": "mmer"}}, ["image", "image"]) == "image"
-    assert auto_route({"modalities": mods, "routes": {"kind": "mmer"}}, ["image", "audio"]) is None
-    assert auto_route({"modalities": mods, "routes": {"kind": "mmer"}}, []) is None  # text only: merged LLM
-    assert auto_route({"modalities": mods, "routes": {"kind": "damc"}}, ["image"]) is None  # text needs its adapters
-    assert auto_route({"modalities": mods}, ["image"]) is None  # NaiveMC: one route
+    def manifest(kind=None):  # only the fields auto_route reads
+        return Manifest.model_construct(modalities={"image": {}, "audio": {}},
+                                        routes=RoutesEntry(kind=kind, dir="routes") if kind else None)
+
+    assert auto_route(manifest("mmer"), ["image", "image"]) == "image"
+    assert auto_route(manifest("mmer"), ["image", "audio"]) is None
+    assert auto_route(manifest("mmer"), []) is None  # text only: merged LLM
+    assert auto_route(manifest("damc"), ["image"]) is None  # text needs its adapters
+    assert auto_route(manifest(), ["image"]) is None  # NaiveMC: one route

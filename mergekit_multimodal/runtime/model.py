@@ -19,6 +19,7 @@ from torch import nn
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.format.manifest import Manifest
+from mergekit_multimodal.methods import get_method
 from mergekit_multimodal.runtime.encoders import ModalityEncoder
 from mergekit_multimodal.runtime.routing import RouteState, install_routes
 
@@ -26,8 +27,6 @@ Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor output
 
 
 def _method(manifest: Manifest):
-    from mergekit_multimodal.methods import get_method
-
     return get_method(manifest.merge_method)
 
 
@@ -37,7 +36,7 @@ def auto_route(manifest: Manifest, modalities) -> Optional[str]:
     `whole_input_routes`: MMER); else None, per-token routing. DAMC stays per-token: its text
     tokens need the text adapters."""
     mods = set(modalities)
-    if len(mods) == 1 and manifest.routes and _method(manifest).whole_input_routes:
+    if len(mods) == 1 and manifest.routes and get_method(manifest.routes.kind).whole_input_routes:
         (m,) = mods
         return m if m in manifest.modalities else None
     return None

@@ -118,15 +118,34 @@ def safe_torch_load(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _read_weights(directory: str) -> Dict[str, torch.Tensor]:
+    """A PEFT adapter's tensors: peft's own reader for safetensors; for a pickle our tensor-only
+    loader (peft's `torch_load` would accept entries that are not tensors)."""
+    from peft.utils import load_peft_weights
+
     st, bin_ = os.path.join(directory, "adapter_model.safetensors"), os.path.join(directory, "adapter_model.bin")
-    if os.path.exists(st):
+    if os.path.exists(st):  # checked first: peft would otherwise look the directory up on the Hub
         try:
-            return load_file(st)
+            return load_peft_weights(directory, device="cpu")
         except Exception as exc:
             raise CompositionError(f"{st}: unreadable ({type(exc).__name__}: {exc})") from None
     if os.path.exists(bin_):
         return safe_torch_load(bin_)
     raise CompositionError(f"{directory}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def _lora_config(directory: str) -> dict:
+    """adapter_config.json read by peft (`LoraConfig.from_pretrained`), as the fields `_scale` reads."""
+    from peft import LoraConfig
+
+    path = os.path.join(directory, "adapter_config.json")
+    if not os.path.isfile(path):  # checked first: peft would otherwise look the directory up on the Hub
+        raise CompositionError(f"{path}: missing")
+    try:
+        cfg = LoraConfig.from_pretrained(directory)
+    except Exception as exc:
+        raise CompositionError(f"{path}: not a LoRA adapter config ({type(exc).__name__}: {exc})") from None
+    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "alpha_pattern": cfg.alpha_pattern, "use_dora": cfg.use_dora,
+            "use_rslora": cfg.use_rslora}
 
 
 def _json(path: str) -> dict:
@@ -217,7 +236,7 @@ def _read_peft(directory: str, modality: str, name_map, adapter: Optional[str]) 
         if os.path.exists(os.path.join(d, DENSE_FILE)):  # dense deltas: <module>.weight -> [out, in]
             setattr(src, which, _read_dense(os.path.join(d, DENSE_FILE), name_map))
             continue
-        cfg = _json(os.path.join(d, "adapter_config.json"))
+        cfg = _lora_config(d)
         by_adapter, rest = _split_lora(_read_weights(d), d)
         if rest:
             raise CompositionError(f"{d}: non-LoRA tensor {next(iter(rest))!r}: DAMC reads LoRA adapters only "
