@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers as T
+import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
@@ -34,8 +34,8 @@ from mergekit_multimodal.families import tiny_sources
 SOURCE_KINDS = tuple(tiny_sources())
 #: the ones the built-in example composes (and the default of `build_tiny_family`)
 EXAMPLE_KINDS = tuple(k for k, (_, t) in tiny_sources().items() if t.in_example)
-TEXT_FAMILIES = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
-                 "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}
+TEXT_FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM), "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
 BASE_VOCAB = 96  # <unk> <s> </s> w0..w92
 
 
@@ -46,12 +46,12 @@ class TinyFamily:
     vocab_size: int  # base vocabulary size V0 (rows of base embed_tokens)
 
 
-def _tokenizer(added=(), pad=None) -> T.PreTrainedTokenizerFast:
+def _tokenizer(added=(), pad=None) -> transformers.PreTrainedTokenizerFast:
     """Word-level base tokenizer; sources append their special tokens, as real checkpoints do."""
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(BASE_VOCAB - 3)]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in added], special_tokens=True)
     if pad:
         tok.pad_token = pad
@@ -117,10 +117,10 @@ def _build_source(kind, base, d, *, text_family, seed, tie, dtype, delta_scale, 
     text = _text_config(text_family, vocab, hidden_size, num_layers, tie, **extra)
     ids = {field: tok.convert_tokens_to_ids(tk) for field, tk in t.placeholder_fields.items()}
     try:
-        cfg = getattr(T, t.config_class)(text_config=text.to_dict(), **{t.encoder_key: t.encoder_config(hidden_size)},
+        cfg = getattr(transformers, t.config_class)(text_config=text.to_dict(), **{t.encoder_key: t.encoder_config(hidden_size)},
                                          **ids, tie_word_embeddings=tie, **t.extra_config)
         torch.manual_seed(seed * 1000 + 500 + k)  # encoder/connector/new rows: the class's own init
-        model = getattr(T, cls_name)(cfg)
+        model = getattr(transformers, cls_name)(cfg)
     except Exception as e:  # noqa: BLE001 - report any refusal uniformly
         raise ValueError(f"transformers can't build {kind} with text_family={text_family!r}: {e}") from e
     out_emb, in_emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight

@@ -29,8 +29,8 @@ from mergekit_multimodal.testing import build_tiny_family, perturb_like
 from tests.helpers import composite_config
 from tests.hub_server import LFS_THRESHOLD, PART_SIZE, UPLOAD_ROUTES, FakeHub, api_auth, point_huggingface_hub_at
 
-# the module the retries read RETRY_BASE_WAIT from (`hub.push` is the function of that name)
-hub_push = importlib.import_module("mergekit_multimodal.hub.push")
+# the module the retries read RETRY_BASE_WAIT from
+hub_upload = importlib.import_module("mergekit_multimodal.hub.upload")
 
 # huggingface_hub's own LFS PUT passes a file object as `data=`, which httpx2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning")
@@ -45,7 +45,7 @@ def fake_hub(tmp_path, monkeypatch):
     server = FakeHub(tmp_path / "hub")
     point_huggingface_hub_at(server, monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    monkeypatch.setattr(hub_push, "RETRY_BASE_WAIT", 0.01)
+    monkeypatch.setattr(hub_upload, "RETRY_BASE_WAIT", 0.01)
     yield server
     server.close()
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from mergekit_multimodal.compose.plan import CompositePlan
 
 #: modality-name prefixes that say the kind of a source's input (Video-LLaVA also reads images)
-KINDS = ("image", "video", "audio")
+KIND_PREFIXES = ("image", "video", "audio")
 #: the pipeline tag of a composite whose sources all take one kind
 TAG_OF_KIND = {"image": "image-text-to-text", "video": "video-text-to-text", "audio": "audio-text-to-text"}
 #: vision LLMs that read images and video are tagged as image models on the Hub
@@ -69,14 +69,14 @@ def _family(src: CardSource):
 
 
 def _kind(src: CardSource) -> Optional[str]:
-    prefix = next((k for k in KINDS if src.modality.startswith(k)), None)
+    prefix = next((k for k in KIND_PREFIXES if src.modality.startswith(k)), None)
     fam = _family(src)
     return prefix or (fam.kind if fam else None)
 
 
 def _tag(src: CardSource) -> str:
     """The source's own pipeline tag: the kind its modality name says, else its family's tag."""
-    prefix = next((k for k in KINDS if src.modality.startswith(k)), None)
+    prefix = next((k for k in KIND_PREFIXES if src.modality.startswith(k)), None)
     fam = _family(src)
     return TAG_OF_KIND[prefix] if prefix else (fam.pipeline_tag if fam else "any-to-any")
 

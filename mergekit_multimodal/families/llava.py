@@ -27,10 +27,10 @@ def features(model, cfg, media):
 
 
 def _llava_next_processor():  # anyres: a base view plus up to 2x2 tiles of 28 px
-    import transformers as T
+    import transformers
 
     size = tiny.IMAGE_SIZE
-    return T.LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+    return transformers.LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                      image_grid_pinpoints=tiny.GRID)
 
 

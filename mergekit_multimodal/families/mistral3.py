@@ -41,9 +41,9 @@ def _tiny_encoder(h: int) -> dict:  # 56 px: 4x4 patches -> 2x2 merged tokens (1
 
 
 def _tiny_processor():
-    import transformers as T
+    import transformers
 
-    return T.PixtralImageProcessor(size={"longest_edge": 2 * tiny.IMAGE_SIZE}, patch_size=tiny.PATCH_SIZE)
+    return transformers.PixtralImageProcessor(size={"longest_edge": 2 * tiny.IMAGE_SIZE}, patch_size=tiny.PATCH_SIZE)
 
 
 FAMILY = Family(

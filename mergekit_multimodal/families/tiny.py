@@ -12,22 +12,22 @@ GRID = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE,
 
 
 def clip(h: int) -> dict:  # LLaVA's default vision_feature_layer=-2 needs >= 2 layers
-    import transformers as T
+    import transformers
 
-    return T.CLIPVisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+    return transformers.CLIPVisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
                               num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
                               projection_dim=h).to_dict()
 
 
 def clip_processor():
-    import transformers as T
+    import transformers
 
     size = IMAGE_SIZE
-    return T.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def whisper_processor():  # a 1 s window of 32 mel frames: what the tiny encoders' 16 positions take
-    import transformers as T
+    import transformers
 
-    return T.WhisperFeatureExtractor(feature_size=NUM_MEL_BINS, sampling_rate=AUDIO_RATE, hop_length=AUDIO_RATE // 32,
+    return transformers.WhisperFeatureExtractor(feature_size=NUM_MEL_BINS, sampling_rate=AUDIO_RATE, hop_length=AUDIO_RATE // 32,
                                      n_fft=2 * (AUDIO_RATE // 32), chunk_length=1)

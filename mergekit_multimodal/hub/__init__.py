@@ -7,15 +7,12 @@ What this package adds is what a multi-GB directory needs before and around that
 - `validate.py`: `validate_for_push`, every file the loader will read is there and opens (JSON
   configs, shard indexes against their shards, every safetensors header, MMER's routes, the model
   card), checked locally BEFORE the first request, so a half-written composite never lands on the Hub;
-- `push.py`: `push`, and retries of each step on transient failures (connection errors, HTTP
+- `upload.py`: `push`, and retries of each step on transient failures (connection errors, HTTP
   408/429/5xx), with exponential backoff: huggingface_hub retries single requests such as preupload
   and LFS parts, but not the commit call, and one 503 there would otherwise lose the whole push.
-
-`hub.push` is the function, which hides the module of the same name: reach the module with
-importlib.import_module("mergekit_multimodal.hub.push"), e.g. to patch its RETRY_* settings.
 """
 
-from mergekit_multimodal.hub.push import RETRY_ATTEMPTS, is_transient, push, with_retries
+from mergekit_multimodal.hub.upload import RETRY_ATTEMPTS, is_transient, push, with_retries
 from mergekit_multimodal.hub.validate import list_upload_files, validate_for_push
 
 __all__ = ["RETRY_ATTEMPTS", "is_transient", "list_upload_files", "push", "validate_for_push", "with_retries"]

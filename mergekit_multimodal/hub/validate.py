@@ -14,7 +14,7 @@ from typing import List
 
 from safetensors import safe_open
 
-from mergekit_multimodal.format import files as L
+from mergekit_multimodal.format.files import COMPOSITE_CONFIG, MODALITIES_DIR, ROUTES_DIR
 from mergekit_multimodal.errors import CompositionError
 
 
@@ -94,12 +94,12 @@ def _check_composite(root: Path, cfg_path: Path) -> None:
     manifest = Manifest.read(str(root))
     _check_model_dir(root / manifest.llm.path, "the merged LLM")
     for name, info in manifest.modalities.items():
-        _check_model_dir(root / info.path, f"modality {name!r} (named in {L.COMPOSITE_CONFIG})")
+        _check_model_dir(root / info.path, f"modality {name!r} (named in {COMPOSITE_CONFIG})")
     if manifest.routes:
         rdir = root / manifest.routes.dir
         kind = manifest.routes.kind
         if not rdir.is_dir():
-            raise CompositionError(f"{rdir}: {kind.upper()} routes named in {L.COMPOSITE_CONFIG} are missing")
+            raise CompositionError(f"{rdir}: {kind.upper()} routes named in {COMPOSITE_CONFIG} are missing")
         for basename in get_method(manifest.merge_method).route_basenames(manifest):
             _check_weights(rdir, basename, f"the {kind.upper()} routes ({basename})")
 
@@ -125,11 +125,11 @@ def validate_for_push(path: str) -> List[str]:
     root = Path(path)
     if not root.is_dir():
         raise CompositionError(f"{path}: no such directory")
-    cfg_path = root / L.COMPOSITE_CONFIG
+    cfg_path = root / COMPOSITE_CONFIG
     if cfg_path.exists():
         _check_composite(root, cfg_path)
     else:
-        for d in (L.MODALITIES_DIR, L.ROUTES_DIR):
+        for d in (MODALITIES_DIR, ROUTES_DIR):
             if (root / d).exists():
                 raise CompositionError(f"{cfg_path}: missing, though {d}/ is there: an incomplete composite")
         _check_model_dir(root, "the merged model")

@@ -58,7 +58,7 @@ class CompositeModel(nn.Module):
         self.modalities: List[str] = list(manifest.modalities)
         self.placeholder_ids = {m: manifest.modalities[m].placeholder_id for m in self.modalities}
         self.route_of = manifest.route_ids()
-        self.embed_delta: Optional[RouteDelta] = None  # resident only for a tied head, else read by route()
+        self.embed_delta: Optional[nn.Module] = None  # resident only for a tied head, else read by route()
         self._embed_name = ""
         #: DAMC: learned embeddings placed before / after each item's features, on its modality's route
         self.affixes: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.runtime import media as M
+from mergekit_multimodal.runtime.media import load_audio, load_image, load_video, sample_frames
 
 
 def quiet(fn: Callable, *args, **kwargs):
@@ -48,7 +48,7 @@ class ImagePreprocessor:
         self.kwargs = dict(extra_kwargs or {})
 
     def __call__(self, items: Sequence[Any]) -> Dict[str, torch.Tensor]:
-        out = quiet(self.processor, images=[M.load_image(i) for i in items], return_tensors="pt", **self.kwargs)
+        out = quiet(self.processor, images=[load_image(i) for i in items], return_tensors="pt", **self.kwargs)
         return {k: v for k, v in out.items() if k in ("pixel_values", "image_sizes")}
 
 
@@ -61,7 +61,7 @@ class VideoPreprocessor:
         self.num_frames = num_frames or _num_frames(directory)
 
     def __call__(self, items: Sequence[Any]) -> Dict[str, torch.Tensor]:
-        videos = [M.sample_frames(M.load_video(i), self.num_frames) for i in items]
+        videos = [sample_frames(load_video(i), self.num_frames) for i in items]
         counts = sorted({len(v) for v in videos})
         if len(counts) > 1:
             raise CompositionError(f"videos in one call must have the same number of frames, got {counts}; "
@@ -80,7 +80,7 @@ class AudioPreprocessor:
 
     def __call__(self, items: Sequence[Any]) -> Dict[str, torch.Tensor]:
         rate = self.extractor.sampling_rate
-        waves = [M.load_audio(i, rate) for i in items]
+        waves = [load_audio(i, rate) for i in items]
         out = self.extractor(waves, sampling_rate=rate, return_attention_mask=True, padding="max_length",
                              return_tensors="pt")
         media = {"input_features": out["input_features"]}

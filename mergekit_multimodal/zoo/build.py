@@ -17,20 +17,20 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from mergekit_multimodal.zoo import data as D
-from mergekit_multimodal.zoo import train as TR
+from mergekit_multimodal.zoo import data
+from mergekit_multimodal.zoo import train
 
 ZOO_VERSION = 1
 #: directory name -> (function(spec, base_dir, out_dir, progress) training it, its step count). The
 #: plain sources first; then each one's DAMC-decoupled adapters ("<m>-damc"), which use the plain
 #: source's trained encoder + connector as their frozen feature extractor.
 SOURCE_BUILDERS: Dict[str, Tuple[Callable, Callable]] = {
-    **{m: ((lambda spec, base, out, progress, m=m, k=k: TR.train_source(m, spec, base, out, k, progress)),
+    **{m: ((lambda spec, base, out, progress, m=m, k=k: train.train_source(m, spec, base, out, k, progress)),
            lambda spec: spec.connector_steps + spec.llm_steps)
-       for k, m in enumerate(D.MODALITIES, start=1)},
-    **{f"{m}-damc": ((lambda spec, base, out, progress, m=m, k=k: TR.train_damc_source(
+       for k, m in enumerate(data.MODALITIES, start=1)},
+    **{f"{m}-damc": ((lambda spec, base, out, progress, m=m, k=k: train.train_damc_source(
         m, spec, base, os.path.join(os.path.dirname(out), m), out, k, progress)), lambda spec: spec.damc_steps)
-       for k, m in enumerate(D.MODALITIES, start=1)},
+       for k, m in enumerate(data.MODALITIES, start=1)},
 }
 
 
@@ -39,18 +39,18 @@ def default_cache() -> str:
                           os.path.join(os.path.expanduser("~"), ".cache", "mergekit-multimodal", "zoo"))
 
 
-def spec_hash(spec: TR.ZooSpec) -> str:
+def spec_hash(spec: train.ZooSpec) -> str:
     h = hashlib.sha256(json.dumps({"v": ZOO_VERSION, **dataclasses.asdict(spec)}, sort_keys=True).encode())
     here = os.path.dirname(__file__)
     # the code that trains the zoo or computes its training features
-    for name in ("data.py", "train.py", "tokenizer.py", "build.py", "../damc_train.py", "../runtime/encoders.py",
-                 *(f"../families/{f}.py" for f in sorted(set(TR.FAMILY.values())))):
+    for name in ("data.py", "train.py", "tokenizer.py", "build.py", "../methods/damc/train.py", "../runtime/encoders.py",
+                 *(f"../families/{f}.py" for f in sorted(set(train.FAMILY.values())))):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:12]
 
 
-def total_steps(spec: TR.ZooSpec) -> int:
+def total_steps(spec: train.ZooSpec) -> int:
     return spec.base_steps + sum(steps(spec) for _, steps in SOURCE_BUILDERS.values())
 
 
@@ -62,7 +62,7 @@ def _mark(d: str) -> None:
     open(os.path.join(d, ".done"), "w").close()
 
 
-def build_zoo(spec: TR.ZooSpec, cache: Optional[str] = None, progress: Optional[Callable[[int], None]] = None) -> str:
+def build_zoo(spec: train.ZooSpec, cache: Optional[str] = None, progress: Optional[Callable[[int], None]] = None) -> str:
     """Return the zoo directory: base/, <modality>/ for each source, bench-test/, bench-val/."""
     import torch
 
@@ -74,7 +74,7 @@ def build_zoo(spec: TR.ZooSpec, cache: Optional[str] = None, progress: Optional[
         base = os.path.join(root, "base")
         if not _done(base):
             shutil.rmtree(base, ignore_errors=True)
-            TR.train_base(spec, base, progress)
+            train.train_base(spec, base, progress)
             _mark(base)
         elif progress:
             progress(spec.base_steps)
@@ -101,7 +101,7 @@ def _save_wav(path: str, wave_f32: np.ndarray) -> None:
     with wave.open(path, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
-        w.setframerate(D.SAMPLE_RATE)
+        w.setframerate(data.SAMPLE_RATE)
         w.writeframes((np.clip(wave_f32, -1, 1) * 32767).astype("<i2").tobytes())
 
 
@@ -111,10 +111,10 @@ def write_benchmark(out_dir: str, seed: int, per_subset: int) -> str:
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
-    for i, q in enumerate(D.benchmark_items(seed, per_subset)):
+    for i, q in enumerate(data.benchmark_items(seed, per_subset)):
         media: Dict[str, list] = {}
         for m, p in zip(q["modalities"], q["pairs"]):
-            arr = D.RENDER[m](p, rng)
+            arr = data.RENDER[m](p, rng)
             if m == "image":
                 rel = f"media/{i:05d}-image.png"
                 Image.fromarray(arr).save(os.path.join(out_dir, rel))
@@ -125,8 +125,8 @@ def write_benchmark(out_dir: str, seed: int, per_subset: int) -> str:
                 rel = f"media/{i:05d}-{m}.npy"
                 np.save(os.path.join(out_dir, rel), arr)
             media[m] = [rel]
-        question = D.prompt([f"<{m}>" for m in q["modalities"]],
-                            D.SINGLE_Q if len(q["modalities"]) == 1 else D.COMMON_Q, q["choices"])
+        question = data.prompt([f"<{m}>" for m in q["modalities"]],
+                            data.SINGLE_Q if len(q["modalities"]) == 1 else data.COMMON_Q, q["choices"])
         question = question[: question.index(" A . ")]  # the evaluator's template adds choices and "answer :"
         lines.append(json.dumps({"id": f"q{i:05d}", "subset": q["subset"], "question": question, "media": media,
                                  "choices": q["choices"], "answer": q["answer"]}))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import click
 
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.zoo import data as D
+from mergekit_multimodal.zoo import data
 from mergekit_multimodal.zoo.train import ZooSpec
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ COMPOSITES = [
     ("ties", "ties", {}, {"weight": 1.0, "density": 0.5}, None, ""),
     ("damc", "damc", {}, {}, None, "-damc"),
 ]
-OWN = list(D.MODALITIES)
+OWN = list(data.MODALITIES)
 COMMON = ["common-2", "common-3", "common-4"]
 #: the composite asked again with shuffled media (the control row)
 CONTROL = "mmer"
@@ -43,7 +43,7 @@ QUICK = ZooSpec(test_per_subset=40)  # the same zoo, a smaller test split (the C
 
 
 def composite_config(zoo: str, method: str, params: dict, per_source: dict, suffix: str = "",
-                     modalities=D.MODALITIES) -> dict:
+                     modalities=data.MODALITIES) -> dict:
     """The YAML a user would write; `suffix` names decoupled adapters ("-damc": zoo/<m>-damc) that
     go with each source (its encoder + connector + placeholder)."""
     models = [{"model": os.path.join(zoo, m), "modality": m,
@@ -148,14 +148,14 @@ def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings,
     plotted: List[EvalResult] = []
     t1 = time.time()
     own_results = {}
-    for m in tqdm(D.MODALITIES, desc="2/3 evaluate each source alone"):
+    for m in tqdm(data.MODALITIES, desc="2/3 evaluate each source alone"):
         r = evaluate(os.path.join(zoo, m), bench, modality=m, subsets=[m],
                      cache_dir=os.path.join(zoo, f"sources-{code_hash()}"),
                      name=f"source {m}", **ask)
         own_results[m] = r
         results[f"source {m}"] = r.to_dict(predictions=True)
         table[f"source {m}"] = {m: r.subsets[m].accuracy}
-    own_src = {m: table[f"source {m}"][m] for m in D.MODALITIES}
+    own_src = {m: table[f"source {m}"][m] for m in data.MODALITIES}
     plotted.append(_sources_row(own_results))
     rows = [r for r in COMPOSITES if rows_wanted is None or r[0] in rows_wanted]
     paths = {}
@@ -165,7 +165,7 @@ def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings,
             alone = {m: evaluate(compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix,
                                                                             [m])),
                                  bench, subsets=[m], route=route, name=f"{name} source {m}", **ask)
-                     for m in D.MODALITIES}
+                     for m in data.MODALITIES}
             own = {m: r.subsets[m].accuracy for m, r in alone.items()}
             table[f"{name} sources"] = dict(own)
             results[f"{name} sources"] = {m: r.to_dict(predictions=True) for m, r in alone.items()}
@@ -175,7 +175,7 @@ def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings,
         plotted.append(r)
         results[name] = {**r.to_dict(predictions=True), "composite": path}
         acc = {s: v.accuracy for s, v in r.subsets.items()}
-        ret = [acc[m] / own[m] for m in D.MODALITIES if own[m] > 0]
+        ret = [acc[m] / own[m] for m in data.MODALITIES if own[m] > 0]
         table[name] = {**acc, "retention": sum(ret) / len(ret) if ret else None}
     if CONTROL in paths:  # the same composite and questions, each question shown another question's media
         path, route = paths[CONTROL]

@@ -15,12 +15,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import transformers as T
+import transformers
 from torch import nn
 
 from mergekit_multimodal.families import get_family
-from mergekit_multimodal.families import point_cloud as PC
-from mergekit_multimodal.zoo import data as D
+from mergekit_multimodal.families import point_cloud
+from mergekit_multimodal.zoo import data
 from mergekit_multimodal.zoo.tokenizer import build_tokenizer
 
 
@@ -54,13 +54,13 @@ SOURCES = {
     "audio": ("Qwen2AudioForConditionalGeneration", "Qwen2AudioConfig", "audio_config", "<|AUDIO|>", "audio_token_index"),
     "video": ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoConfig", "vision_config", "<video>",
               "video_token_index"),
-    "point_cloud": (PC.ARCHITECTURE, None, None, "<point>", "point_token_index"),
+    "point_cloud": (point_cloud.ARCHITECTURE, None, None, "<point>", "point_token_index"),
 }
 FAMILY = {"image": "llava", "audio": "qwen2_audio", "video": "llava_next_video", "point_cloud": "point_cloud"}
 
 
-def text_config(spec: ZooSpec, vocab: int) -> T.LlamaConfig:
-    return T.LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=2 * spec.hidden,
+def text_config(spec: ZooSpec, vocab: int) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=2 * spec.hidden,
                          num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                          num_key_value_heads=spec.heads, head_dim=spec.hidden // spec.heads,
                          max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
@@ -103,14 +103,14 @@ def train_base(spec: ZooSpec, out_dir: str, progress: Optional[Callable[[int], N
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
     tok = build_tokenizer()
-    model = T.LlamaForCausalLM(text_config(spec, len(tok)))
+    model = transformers.LlamaForCausalLM(text_config(spec, len(tok)))
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=spec.base_lr, weight_decay=0.01)
     emb_fn = model.get_input_embeddings()
     for step in range(spec.base_steps):
         rows, labels = [], []
         for _ in range(spec.batch):
-            p, a = D.text_example(rng)
+            p, a = data.text_example(rng)
             pi, ai = tok(p)["input_ids"], tok(a)["input_ids"]
             ids = torch.tensor(pi + ai)
             rows.append(emb_fn(ids))
@@ -125,29 +125,29 @@ def train_base(spec: ZooSpec, out_dir: str, progress: Optional[Callable[[int], N
 
 def _processor(modality: str):
     if modality == "image" or modality == "video":
-        s = D.IMAGE_SIZE
-        return T.CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+        s = data.IMAGE_SIZE
+        return transformers.CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
     if modality == "audio":
-        return T.WhisperFeatureExtractor(feature_size=16, sampling_rate=D.SAMPLE_RATE, hop_length=500,
+        return transformers.WhisperFeatureExtractor(feature_size=16, sampling_rate=data.SAMPLE_RATE, hop_length=500,
                                          chunk_length=1, n_fft=400)
     return None
 
 
-def _build_mllm(modality: str, spec: ZooSpec, base: T.LlamaForCausalLM, tok) -> nn.Module:
+def _build_mllm(modality: str, spec: ZooSpec, base: transformers.LlamaForCausalLM, tok) -> nn.Module:
     cls_name, cfg_name, enc_key, placeholder, field = SOURCES[modality]
     text = text_config(spec, len(tok)).to_dict()
     pid = tok.convert_tokens_to_ids(placeholder)
     h = spec.enc_hidden
     if modality == "point_cloud":
-        lm = T.LlamaForCausalLM(T.LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"}))
-        model = PC.PointLlavaForConditionalGeneration(PC.make_config(text, pid, hidden_size=h, num_points=D.POINTS), lm)
+        lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"}))
+        model = point_cloud.PointLlavaForConditionalGeneration(point_cloud.make_config(text, pid, hidden_size=h, num_points=data.POINTS), lm)
     else:
         enc = (dict(model_type="qwen2_audio_encoder", d_model=h, encoder_layers=2, encoder_attention_heads=2,
                     encoder_ffn_dim=2 * h, num_mel_bins=16, max_source_positions=16) if modality == "audio" else
-               T.CLIPVisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=D.IMAGE_SIZE, patch_size=14, projection_dim=h).to_dict())
-        cfg = getattr(T, cfg_name)(text_config=text, **{enc_key: enc}, **{field: pid}, tie_word_embeddings=False)
-        model = getattr(T, cls_name)(cfg)
+               transformers.CLIPVisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=data.IMAGE_SIZE, patch_size=14, projection_dim=h).to_dict())
+        cfg = getattr(transformers, cfg_name)(text_config=text, **{enc_key: enc}, **{field: pid}, tie_word_embeddings=False)
+        model = getattr(transformers, cls_name)(cfg)
     with torch.no_grad():  # the LLM starts as the base; the placeholder's row keeps its init (never read)
         dec, bdec = model.get_decoder().state_dict(), base.model.state_dict()
         for n, t in bdec.items():
@@ -158,7 +158,7 @@ def _build_mllm(modality: str, spec: ZooSpec, base: T.LlamaForCausalLM, tok) -> 
 
 def _features(modality: str, model, media) -> List[torch.Tensor]:
     if modality == "point_cloud":
-        return PC.features(model, None, media)
+        return point_cloud.features(model, None, media)
     return get_family(FAMILY[modality]).encoder.features(model, model.config, media)
 
 
@@ -172,7 +172,7 @@ def _media_tensors(modality: str, items: Sequence[np.ndarray]):
     if modality == "video":
         return {"pixel_values_videos": torch.stack([proc(images=list(v), return_tensors="pt")["pixel_values"]
                                                     for v in items])}
-    out = proc(list(items), sampling_rate=D.SAMPLE_RATE, return_attention_mask=True, padding="max_length",
+    out = proc(list(items), sampling_rate=data.SAMPLE_RATE, return_attention_mask=True, padding="max_length",
                return_tensors="pt")
     return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
 
@@ -189,10 +189,10 @@ def train_source(modality: str, spec: ZooSpec, base_dir: str, out_dir: str, offs
     rng = random.Random(seed)
     placeholder = SOURCES[modality][3]
     tok = build_tokenizer([placeholder])
-    base = T.LlamaForCausalLM.from_pretrained(base_dir)
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
     model = _build_mllm(modality, spec, base, tok)
-    pairs = [D.pair(rng) for _ in range(spec.train_items)]
-    media = _media_tensors(modality, D.render_many(modality, pairs, seed))
+    pairs = [data.pair(rng) for _ in range(spec.train_items)]
+    media = _media_tensors(modality, data.render_many(modality, pairs, seed))
     decoder, head, emb_fn = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
     llm_params = list(decoder.parameters()) + list(head.parameters())
     llm_ids = {id(p) for p in llm_params}
@@ -230,8 +230,8 @@ def _example_for(p: Tuple[str, str], placeholder: str, rng: random.Random) -> Tu
     if rng.random() < 0.5:
         return f"input 1 : {placeholder} . describe :", f" {p[0]} {p[1]}"
     answer = rng.choice(p)
-    opts, letter = D.choices_with(answer, rng.sample([c for c in D.CONCEPTS if c not in p], 3), rng)
-    return D.prompt([placeholder], D.SINGLE_Q, opts), " " + answer
+    opts, letter = data.choices_with(answer, rng.sample([c for c in data.CONCEPTS if c not in p], 3), rng)
+    return data.prompt([placeholder], data.SINGLE_Q, opts), " " + answer
 
 
 def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: str, out_dir: str, offset: int,
@@ -247,13 +247,13 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
     placeholder = SOURCES[modality][3]
     tok = build_tokenizer([placeholder])
     if modality == "point_cloud":
-        source = PC.load_encoder(source_dir)[0]  # encoder + connector (its LLM is not needed)
+        source = point_cloud.load_encoder(source_dir)[0]  # encoder + connector (its LLM is not needed)
     else:
-        source = getattr(T, SOURCES[modality][0]).from_pretrained(source_dir)
+        source = getattr(transformers, SOURCES[modality][0]).from_pretrained(source_dir)
     source.eval()
     n = min(spec.train_items, spec.damc_steps)
-    pairs = [D.pair(rng) for _ in range(n)]
-    media = _media_tensors(modality, D.render_many(modality, pairs, seed))
+    pairs = [data.pair(rng) for _ in range(n)]
+    media = _media_tensors(modality, data.render_many(modality, pairs, seed))
     with torch.no_grad():
         feats = [f for i in range(0, n, spec.batch)
                  for f in _features(modality, source, _index(media, range(i, min(n, i + spec.batch))))]
@@ -265,7 +265,7 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
         batches.append({"prompt_ids": torch.tensor(tok(before)["input_ids"]), "features": f.detach(),
                         "after_ids": torch.tensor(tok(after)["input_ids"]),
                         "target_ids": torch.tensor(tok(answer)["input_ids"])})
-    llm = T.LlamaForCausalLM.from_pretrained(base_dir)
+    llm = transformers.LlamaForCausalLM.from_pretrained(base_dir)
     trained = train_decoupled(llm, batches, modality=modality, rank=spec.damc_rank, alpha=2.0 * spec.damc_rank,
                               steps=spec.damc_steps, lr=spec.damc_lr, seed=seed, progress=progress or False)
     save_decoupled(trained, out_dir)

@@ -3,8 +3,9 @@
 merged = sum_i w_i * theta_i / sum_i w_i   (w_i = 1 by default: the plain mean)
 
 Because all sources share the base, this equals theta_base + mean_i(tau_i) with equal weights.
-The average is mergekit's own `linear` kernel; NaiveMC adds the composite around it (every
-encoder and connector reused) and refuses weights that sum to zero (linear would divide by 0).
+`weighted_average` is written here, not taken from mergekit's `linear`: linear accumulates in
+float32 whatever the merge dtype, so with `dtype: bfloat16` its result differs in the last bits
+from what NaiveMC composites have always held (bf16 accumulation); it also divides by a zero sum.
 
 Example YAML::
 
@@ -23,18 +24,20 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from mergekit import merge_methods
 from mergekit.merge_methods import BasePolicy, InputContract, PerNonBase, TensorGroup
 
 from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, TensorParams, composite_kernel
 
 
 def weighted_average(sources: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    """mergekit's `linear` over the sources (its kernel: sum_i w_i theta_i, divided by sum_i w_i)."""
-    if normalize and float(sum(weights)) == 0:
+    """sum_i w_i theta_i (divided by sum_i w_i), accumulated in the sources' dtype."""
+    total = float(sum(weights))
+    if normalize and total == 0:
         raise ValueError("naive_mc weights sum to zero")
-    return merge_methods.merge_tensors(list(sources), "linear", parameters={"weight": list(weights),
-                                                                              "normalize": normalize})
+    out = torch.zeros_like(sources[0])
+    for w, t in zip(weights, sources):
+        out.add_(t, alpha=float(w))
+    return out / total if normalize else out
 
 
 @composite_kernel(name="naive_mc", pretty_name="NaiveMC", reference_url="https://arxiv.org/abs/2402.12750",
