@@ -2,7 +2,8 @@
 
 The source side is computed independently: the source's own processor config loaded with
 transformers' Auto classes on the decoded media, its placeholder repeated once per feature (as its
-processor expands it), and the source class's own forward. Covers every loader family, LLaVA-NeXT's anyres tiling included.
+processor expands it), and the source class's own forward. Covers every family's tiny stand-in
+(families/<name>.py), LLaVA-NeXT's anyres tiling included.
 """
 
 import wave
@@ -14,14 +15,20 @@ import transformers
 from PIL import Image
 
 from mergekit_multimodal import CompositionError, compose
+from mergekit_multimodal.families import tiny_sources
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
-from tests.helpers import MODALITY, composite_config
+from mergekit_multimodal.testing import SOURCE_KINDS, build_tiny_family
+from tests.helpers import KINDS, MODALITY, composite_config
 
 V0 = 96
-PLACEHOLDER = {"llava": "<image>", "video_llava": "<video>", "llava_next_video": "<video>", "qwen2_audio": "<|AUDIO|>",
-               "mistral3": "[IMG]", "voxtral": "[AUDIO]", "llava_next": "<image>"}
-KIND = {"llava": "image", "mistral3": "image", "video_llava": "video", "llava_next_video": "video",
-        "qwen2_audio": "audio", "voxtral": "audio", "llava_next": "image"}
+#: every family's tiny stand-in: the kind of media it takes, and its own placeholder token (the
+#: config field named after that kind), from the family files
+KIND = {k: fam.kind for k, (fam, _) in tiny_sources().items()}
+PLACEHOLDER = {k: next(tok for field, tok in t.placeholder_fields.items() if field.startswith(fam.kind))
+               for k, (fam, t) in tiny_sources().items()}
+#: stand-ins built by a shared fixture; any other (a new family) gets a tiny family of its own
+FIXTURE = {**{k: "family" for k in KINDS}, "mistral3": "mistral_family", "voxtral": "mistral_family",
+           "llava_next": "next_family"}
 
 
 def write_media(kind, d, seed=0):
@@ -62,10 +69,9 @@ def source_inputs(path, kind, decoded):
     return {"input_features": out["input_features"]}
 
 
-@pytest.mark.parametrize("kind", ["llava", "video_llava", "llava_next_video", "qwen2_audio", "mistral3", "voxtral",
-                                  "llava_next"])
-def test_files_through_the_processor_reproduce_the_source(kind, family, mistral_family, next_family, tmp_path):
-    fam = mistral_family if kind in ("mistral3", "voxtral") else next_family if kind == "llava_next" else family
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+def test_files_through_the_processor_reproduce_the_source(kind, request, tmp_path):
+    fam = request.getfixturevalue(FIXTURE[kind]) if kind in FIXTURE else build_tiny_family(tmp_path / "fam", (kind,))
     out = compose(composite_config(fam, "mmer", [kind]), str(tmp_path / "c"))
     modality = MODALITY[kind]
     proc = CompositeProcessor.from_pretrained(out)
