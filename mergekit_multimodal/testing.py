@@ -148,8 +148,8 @@ def build_tiny_family(root, kinds=EXAMPLE_KINDS, *,
     Source k (its tiny stand-in's `seed` stream) uses seeds derived from (seed, k) only, so its tensors do
     not depend on which other kinds are requested. layout="hf5" rewrites the saved keys to the
     transformers-5 layout (model.language_model.*, lm_head.*, model.vision_tower.* ...).
-    ValueError for what transformers can't build, e.g. tied embeddings for qwen2_audio/voxtral
-    (their classes have no _tied_weights_keys, so the lm_head would be saved anyway).
+    ValueError for what transformers can't build, e.g. tied embeddings for the audio classes
+    (they have no _tied_weights_keys, so the lm_head would be saved anyway).
     """
     unknown = [k for k in kinds if k not in SOURCE_KINDS]
     if unknown:

@@ -228,3 +228,31 @@ def test_resident_routes_give_the_same_logits(family, tmp_path):
     assert sum(len(getattr(m, "_kept", {})) for m in lean.llm.modules()) == 0
     with pytest.raises(CompositionError, match="no such route"):
         CompositeModel.from_pretrained(out, resident_routes=["smell"])
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_audio"])
+def test_greedy_generation_stays_on_its_route(family, tmp_path, kind):
+    """Under route(m) every generated token runs on route m too (its embedding rows included): greedy
+    decoding equals, step by step, the source class whose LLM weights are route m's (iter_route)."""
+    from mergekit_multimodal.methods.routes import iter_route
+
+    out = compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path / "c"))
+    model = CompositeModel.from_pretrained(out, modalities=[])
+    path = family.sources[kind]
+    src_cls = getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0])
+    src = src_cls.from_pretrained(path).eval()
+    with torch.no_grad():  # the source class with route m's LLM weights (on the shared vocabulary rows)
+        for name, w in iter_route(out, MODALITY[kind]):
+            p = src.get_output_embeddings().weight if name == "lm_head.weight" else \
+                src.get_decoder().get_parameter(name[len("model."):])
+            rows = min(p.shape[0], w.shape[0])
+            p[:rows].copy_(w[:rows])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("w5 w6 w7", return_tensors="pt").input_ids
+    greedy = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with model.route(MODALITY[kind]):
+        got = model.generate(ids, suppress_tokens=list(range(V0, model.llm.config.vocab_size)), **greedy)
+    want = src.generate(input_ids=ids, suppress_tokens=list(range(V0, src.config.text_config.vocab_size)), **greedy)
+    assert torch.equal(got.sequences[0, -5:], want.sequences[0, -5:])
+    for step, (g, w) in enumerate(zip(got.scores, want.scores)):
+        torch.testing.assert_close(g[..., :V0], w[..., :V0], rtol=1e-4, atol=1e-4, msg=f"step {step}")

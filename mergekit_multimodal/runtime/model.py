@@ -114,6 +114,8 @@ class CompositeModel(nn.Module):
         state.keep = frozenset(model.route_of[m] for m in resident_routes)
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
         model._embed_name = embed_name
+        if cfg.routes:
+            llm.get_input_embeddings().register_forward_hook(model._route_embedding_rows)
         model.row_tokens = _row_tokens(path, cfg, encoders)
         for m, info in cfg.modalities.items():
             if info.prefix_suffix:
@@ -221,11 +223,16 @@ class CompositeModel(nn.Module):
         return torch.cat([f.reshape(rows, cols, -1), marks[:, None]], dim=1).reshape(rows * (cols + 1), -1)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Text-token embeddings: merged rows, or the chosen route's rows when one route is forced."""
-        out = self.llm.get_input_embeddings()(ids)
+        """Text-token embeddings: merged rows, or the chosen route's rows when one route is forced
+        (the embedding's hook adds them, for the prompt and for every generated token alike)."""
+        return self.llm.get_input_embeddings()(ids)
+
+    def _route_embedding_rows(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the LLM's input embedding: under `route(m)`, every lookup (the prompt's
+        text and each token `generate` feeds back) takes route m's rows, as the source model would."""
         if self.state.whole and self.embed_delta is not None:
-            out = out + self.embed_delta.rows(self.state.whole, ids).to(out.dtype)
-        return out
+            return output + self.embed_delta.rows(self.state.whole, args[0]).to(output.dtype)
+        return output
 
     # -- running ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -245,7 +252,8 @@ class CompositeModel(nn.Module):
         """transformers' generate on the expanded embeddings; returns only the new token ids.
 
         The prefill routes each token; cached decoding steps see one new position, which does not
-        match the prefill's route map, so generated tokens take the text route.
+        match the prefill's route map, so generated tokens take the text route. Under `route(m)`
+        every token, generated ones included (weights and embedding rows), runs on route m.
         """
         embeds, mask, route_ids = self.prepare_inputs(input_ids, attention_mask, media)
         self.state.set_tokens(route_ids)
