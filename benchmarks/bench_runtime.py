@@ -79,11 +79,11 @@ def run(llm, state, embeds, route_ids, new_tokens: int, device: str) -> dict:
     sync(device)
     prefill = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, tok = out.cache, out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        out = llm(input_ids=tok, past_key_values=past, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = llm(input_ids=tok, cache=past, use_cache=True)
+        past, tok = out.cache, out.logits[:, -1:].argmax(-1)
     sync(device)
     decode = time.perf_counter() - t0
     if state is not None:

@@ -238,7 +238,8 @@ class CompositeModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 media: Optional[Media] = None, **kwargs):
         embeds, mask, route_ids = self.prepare_inputs(input_ids, attention_mask, media)
-        if "position_ids" not in kwargs and kwargs.get("past_key_values") is None:
+        # transformers 5.24 passes the KV cache as `cache` (`past_key_values` is deprecated, gone in 5.40)
+        if "position_ids" not in kwargs and kwargs.get("cache", kwargs.get("past_key_values")) is None:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: a row scores as alone
         self.state.set_tokens(route_ids)
         try:
