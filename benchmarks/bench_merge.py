@@ -56,10 +56,19 @@ GOALS = (  # (label, our method, mergekit method, metric, goal ratio)
 
 
 def generate(root: Path, size: str) -> int:
-    """Write base/ and src0..src3/ (once); return the parameter count."""
+    """Write base/ and src0..src3/ (once), in a child process; return the parameter count.
+
+    In a child: Linux keeps a process's peak RSS across fork + exec, so inputs generated in this
+    process would count in every merge's measured peak (naive_mc read 1.92 GiB instead of 0.72).
+    """
     marker = root / "params.txt"
-    if marker.exists():
-        return int(marker.read_text())
+    if not marker.exists():
+        subprocess.run([sys.executable, __file__, "--generate-only", "--size", size, "--work", str(root.parent)],
+                       check=True)
+    return int(marker.read_text())
+
+
+def _generate(root: Path, size: str) -> None:
     import torch
     import transformers as T
 
@@ -80,8 +89,7 @@ def generate(root: Path, size: str) -> int:
                 delta = 0.05 * t.std() * torch.randn(t.shape, generator=gen)
                 p.copy_((t + delta).to(torch.bfloat16))
             model.save_pretrained(root / f"src{i}")
-    marker.write_text(str(n_params))
-    return n_params
+    (root / "params.txt").write_text(str(n_params))
 
 
 def write_configs(root: Path) -> dict:
@@ -149,7 +157,11 @@ def main() -> None:
     ap.add_argument("--work", default="./bench-work", help="cache for the generated checkpoints")
     ap.add_argument("--shard-size", default=None,
                     help="--out-shard-size passed to every run (default: mergekit's default, 5B)")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.generate_only:
+        _generate(Path(args.work).resolve() / args.size, args.size)
+        return
 
     print("$ python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     digest = code_digest()
