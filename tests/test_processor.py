@@ -191,3 +191,27 @@ def test_mistral3_row_tokens_missing_from_the_vocabulary_are_named(mistral_famil
     (tmp_path / "c" / info.path / "processor_config.json").write_text('{"image_break_token": "[NOPE]"}')
     with pytest.raises(CompositionError, match=r"lacks \[NOPE\]"):
         CompositeModel.from_pretrained(out)
+
+
+def test_video_llava_under_an_image_modality_runs_its_image_tower(family, tmp_path):
+    """A Video-LLaVA source composed as `image...` (here `image_med`) takes images: its `<image>`
+    placeholder (image_token_index) and its image tower, as the source class runs them."""
+    src = family.sources["video_llava"]
+    out = compose({"merge_method": "mmer", "base_model": str(family.base), "dtype": "float32",
+                   "models": [{"model": str(src), "modality": "image_med"}]}, str(tmp_path / "c"))
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    assert proc.placeholders["image_med"] == "<image>" and proc.kind("image_med") == "image"
+    file, decoded = write_media("image", tmp_path)
+    inputs = proc("w1 w2 <image> w3", images=[str(file)])
+    assert set(inputs["media"]["image_med"]) == {"pixel_values_images"}
+    with torch.no_grad():
+        got = model(**inputs).logits
+    source = transformers.VideoLlavaForConditionalGeneration.from_pretrained(src).eval()
+    pixels = source_inputs(src, "image", decoded)["pixel_values"]
+    n = model.encoders["image_med"].features(inputs["media"]["image_med"])[0].shape[0]
+    ids = transformers.AutoTokenizer.from_pretrained(src)("w1 w2 " + " ".join(["<image>"] * n) + " w3",
+                                                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = source(input_ids=ids, pixel_values_images=pixels).logits
+    assert got.shape[1] == want.shape[1]
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)

@@ -65,7 +65,8 @@ def hub_ids(refs: Sequence[str]) -> List[str]:
 def _family(src: CardSource):
     from mergekit_multimodal.families import FAMILIES
 
-    return next((f for f in FAMILIES if f.name == src.family), None)
+    fam = next((f for f in FAMILIES if f.name == src.family), None)
+    return fam.for_modality(src.modality) if fam else None
 
 
 def _kind(src: CardSource) -> Optional[str]:

@@ -49,20 +49,21 @@ _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 _CAUSAL_LM = next(f for f in _ALL if f.text_only)
 
 
-def get_family(name: str, where: str = "") -> Family:
-    """A family by name; an unknown name is a clear error (e.g. a composite made by a newer version)."""
+def get_family(name: str, where: str = "", modality: Optional[str] = None) -> Family:
+    """A family by name (as it runs under `modality`, if given); an unknown name is a clear error
+    (e.g. a composite made by a newer version)."""
     try:
-        return _BY_NAME[name]
+        return _BY_NAME[name].for_modality(modality)
     except KeyError:
         known = ", ".join(f.name for f in FAMILIES)
         raise CompositionError(f"{where + ': ' if where else ''}unknown family {name!r}; this version knows "
                                f"{known}") from None
 
 
-def kind_of(family: str) -> Optional[str]:
+def kind_of(family: str, modality: Optional[str] = None) -> Optional[str]:
     """The kind of media a family's modality takes (image, video, audio, point_cloud), or None."""
     fam = _BY_NAME.get(family)
-    return fam.kind if fam else None
+    return fam.for_modality(modality).kind if fam else None
 
 
 def tiny_sources() -> Dict[str, Tuple[Family, TinySource]]:

@@ -102,6 +102,16 @@ class Family:
     modelcompose_projector: Optional[Mapping[str, str]] = None
     #: tiny stand-ins by name (e.g. "llava", "llava_next"), for tests and the example
     tiny: Mapping[str, TinySource] = field(default_factory=dict)
+    #: what the family is when composed under a modality whose name starts with a key, for a source
+    #: that brings two towers (Video-LLaVA composed as `image...` runs its image tower)
+    variants: Mapping[str, "Family"] = field(default_factory=dict)
+
+    def for_modality(self, modality: Optional[str]) -> "Family":
+        """The family as it runs under this modality name (itself, or a declared variant)."""
+        for prefix, variant in self.variants.items():
+            if modality and modality.startswith(prefix):
+                return variant
+        return self
 
 
 @dataclass(frozen=True)
@@ -126,10 +136,11 @@ class SplitLayout:
         return OTHER, name
 
     def placeholder_key(self, config: dict, modality: str) -> Optional[str]:
-        """The config key of this source's placeholder id, preferring one named after the modality."""
+        """The config key of this source's placeholder id, preferring one whose kind word starts the
+        modality's name (`image_token_index` for a modality `image` or `image_med`)."""
         present = [k for k in self.family.placeholder_keys if config.get(k) is not None]
         for key in present:
-            if key.startswith(modality + "_"):
+            if modality.startswith(key.split("_")[0]):
                 return key
         return present[0] if present else None
 

@@ -26,7 +26,7 @@ class ModalityEncoder:
     """A source's encoder + connector, loaded from `modalities/<m>/`, giving per-item features."""
 
     def __init__(self, name: str, family: str, directory: str, dtype: Optional[torch.dtype], device):
-        spec = get_family(family, directory).encoder
+        spec = get_family(family, directory, modality=name).encoder
         if spec is None:
             raise CompositionError(f"{directory}: the loader cannot run family {family!r}: it has no encoder")
         self.name, self.family, self.spec = name, family, spec

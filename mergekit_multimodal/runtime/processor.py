@@ -48,14 +48,14 @@ class CompositeProcessor:
             raise CompositionError(f"{path}: the composite's tokenizer does not load ({type(exc).__name__}: {exc})") from None
         preps = {}
         for m, info in cfg.modalities.items():
-            factory = get_family(info.family, path).preprocessor
+            factory = get_family(info.family, path, modality=m).preprocessor
             if factory is None:
                 raise CompositionError(f"{path}: no processor for modality {m!r} of family {info.family!r}")
             preps[m] = factory(os.path.join(path, info.path), num_frames)
         return cls(path, tok, cfg, preps)
 
     def kind(self, modality: str) -> Optional[str]:
-        return kind_of(self.manifest.modalities[modality].family)
+        return kind_of(self.manifest.modalities[modality].family, modality)
 
     def __call__(self, text: Union[str, Sequence[str]], media: Optional[Mapping[str, Sequence[Any]]] = None, *,
                  images=None, videos=None, audios=None, return_tensors: str = "pt") -> Dict[str, Any]:
