@@ -215,3 +215,26 @@ def test_video_llava_under_an_image_modality_runs_its_image_tower(family, tmp_pa
         want = source(input_ids=ids, pixel_values_images=pixels).logits
     assert got.shape[1] == want.shape[1]
     torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+def test_generic_markers_stand_for_each_modalitys_own_placeholder(two_modalities, tmp_path):
+    """`<audio>` means the one audio modality's `<|AUDIO|>`, `<image>` is LLaVA's own token; the ids
+    equal those of the prompt written with the sources' own tokens."""
+    proc = CompositeProcessor.from_pretrained(two_modalities)
+    img, _ = write_media("image", tmp_path)
+    wav, _ = write_media("audio", tmp_path)
+    media = {"image": [str(img)], "audio": [str(wav)]}
+    want = proc("w1 <image> w2 <|AUDIO|> w3", media=media)["input_ids"]
+    assert torch.equal(proc("w1 <image> w2 <audio> w3", media=media)["input_ids"], want)
+    assert proc.expand_markers("w1 <b> <audio>") == "w1 <b> <|AUDIO|>"  # not a media marker: text
+
+
+def test_a_generic_marker_with_two_modalities_of_its_kind_needs_the_name():
+    from mergekit_multimodal.format.manifest import Manifest, ModalityEntry
+
+    mods = {m: ModalityEntry.model_construct(family="qwen2_audio", placeholder=ph, placeholder_id=i)
+            for i, (m, ph) in enumerate((("audio_a", "[A]"), ("audio_b", "[B]")))}
+    proc = CompositeProcessor("c", None, Manifest.model_construct(modalities=mods), {})
+    assert proc.expand_markers("<audio_b> <audio_a> w1") == "[B] [A] w1"
+    with pytest.raises(CompositionError, match="ambiguous: 2 modalities take audios"):
+        proc.expand_markers("<audio> w1")

@@ -8,6 +8,7 @@ built from the processor files carried from its source into `modalities/<m>/`.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -17,6 +18,12 @@ import transformers
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import get_family, kind_of
 from mergekit_multimodal.format.manifest import Manifest
+
+
+#: generic media markers and the kind each stands for
+_MARKER_KINDS = {"image": "image", "video": "video", "audio": "audio", "point": "point_cloud",
+                 "point_cloud": "point_cloud"}
+_MARKER = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 
 
 class CompositeProcessor:
@@ -68,7 +75,7 @@ class CompositeProcessor:
         for m in media:
             if m not in self.modalities:
                 raise CompositionError(f"the composite has no modality {m!r}; it has {', '.join(self.modalities)}")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [self.expand_markers(t) for t in ([text] if isinstance(text, str) else list(text))]
         rows = [self.tokenizer(t, return_tensors="pt")["input_ids"][0] for t in texts]
         for m in self.modalities:
             found = sum(int((r == self.placeholder_ids[m]).sum()) for r in rows)
@@ -84,6 +91,27 @@ class CompositeProcessor:
             attention_mask[b, width - len(r):] = 1
         features = {m: self.preprocessors[m](items) for m, items in media.items() if items}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "media": features}
+
+    def expand_markers(self, text: str) -> str:
+        """Generic markers -> the composite's placeholders, so one prompt works whatever the sources
+        call theirs: `<image>`, `<video>`, `<audio>`, `<point>` / `<point_cloud>` stand for the one
+        modality of that kind (two of a kind: name it, `<image_med>`), and `<NAME>` for modality
+        NAME. A marker that is some modality's own placeholder token (e.g. LLaVA's `<image>`) is that
+        token; each source's own token keeps working (docs/runtime.md)."""
+        own = set(self.placeholders.values())
+
+        def placeholder(match: "re.Match") -> str:
+            marker, name = match.group(0), match.group(1)
+            if marker in own:
+                return marker
+            if name in self.modalities:
+                return self.placeholders[name]
+            kind = _MARKER_KINDS.get(name)
+            if kind is None:
+                return marker  # not a media marker: ordinary text
+            return self.placeholders[self.modality_of_kind(kind)]
+
+        return _MARKER.sub(placeholder, text)
 
     def modality_of_kind(self, kind: str) -> str:
         matches = [m for m in self.modalities if self.kind(m) == kind]
