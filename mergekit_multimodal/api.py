@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import yaml
+from pydantic import ValidationError
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
@@ -42,5 +43,21 @@ def run_yaml(config_source: str, out_path: str, options: Optional[MergeOptions] 
     if is_composite_config(data):
         return compose(load_config(data, source_name), out_path, options, config_source=config_source,
                        overwrite=overwrite)
-    run_merge(MergeConfiguration.model_validate(data), out_path, options=options, config_source=config_source)
+    run_merge(_plain_config(data, source_name), out_path, options=options, config_source=config_source)
     return out_path
+
+
+def _plain_config(data: dict, source_name: str) -> MergeConfiguration:
+    """A plain mergekit config, validated by mergekit; what mergekit would only find mid-merge (an
+    unknown method) or report as a raw pydantic error becomes a CompositionError naming the key."""
+    from mergekit import merge_methods
+
+    method = data.get("merge_method")
+    known = {m.spec.name for m in merge_methods.registered_methods()}
+    if method is not None and method not in known:
+        raise CompositionError(f"{source_name}: unknown merge_method {method!r}; known: {', '.join(sorted(known))}")
+    try:
+        return MergeConfiguration.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise CompositionError(f"{source_name}: invalid mergekit config\n" + "\n".join(lines)) from None

@@ -52,6 +52,9 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str, overwrite
             source = f.read()
     except OSError as exc:
         raise click.ClickException(f"{config_file}: {exc.strerror}")
+    except UnicodeDecodeError as exc:
+        click.echo(f"error: {config_file}: not UTF-8 text ({exc})", err=True)
+        sys.exit(2)
     try:
         run_yaml(source, out_path, merge_options, source_name=config_file, overwrite=overwrite)
     except CompositionError as exc:

@@ -1,5 +1,7 @@
 """End-to-end composition of tiny real-layout checkpoints, checked against independent expectations."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -224,6 +226,9 @@ def test_tied_and_untied_sources_compose_untied(family, tmp_path):
     sd = read_dir(tied)
     del sd["language_model.lm_head.weight"]
     save_file(sd, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    config = read_json(tied / "config.json")  # a tied checkpoint says so (an untied one without a head is refused)
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(config))
     cfg = {"merge_method": "naive_mc", "base_model": str(family.base),
            "models": [{"model": str(tied), "modality": "image"},
                       {"model": str(family.sources["qwen2_audio"]), "modality": "audio"}]}

@@ -55,6 +55,8 @@ def hub_ids(refs: Sequence[str]) -> List[str]:
 
     out: List[str] = []
     for ref in refs:
+        if os.path.exists(ref):  # a local path as written (it may hold `+` or `@`)
+            continue
         parsed = ModelReference.model_validate(ref)
         for part in (parsed.model, parsed.lora):
             if part is not None and is_hub_id(part.path) and part.path not in out:

@@ -17,12 +17,16 @@ from mergekit.common import ModelReference
 from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 from mergekit.options import MergeOptions
 
+from mergekit_multimodal.compose.card import is_hub_id
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import LLM, SplitLayout, layout_for
 
 
 def resolve_local_path(ref: ModelReference, options: MergeOptions) -> str:
     """A local directory for a model reference: LoRAs merged and Hub ids fetched the way mergekit does."""
+    for part, what in ((ref.model, "model"), (ref.lora, "LoRA")):
+        if part is not None and not os.path.exists(part.path) and not is_hub_id(part.path):
+            raise CompositionError(f"{part.path}: {what} path does not exist (and is not a Hub repo id)")
     try:
         merged = ref.merged(
             cache_dir=options.lora_merge_cache,
@@ -55,6 +59,36 @@ def _carry_side_files(model_dir: str, merged_dir: str) -> None:
         src, dst = os.path.join(model_dir, name), os.path.join(merged_dir, name)
         if os.path.exists(src) and not os.path.exists(dst):
             shutil.copy(src, dst)
+
+
+_INDEXES = ("model.safetensors", "pytorch_model.bin")  # in the order mergekit's ShardedTensorIndex looks
+
+
+def check_index(path: str) -> None:
+    """The shard index mergekit will follow, checked first: valid JSON, a `weight_map` of names to
+    files, every file inside the checkpoint directory (never an absolute path or `..`)."""
+    for name in _INDEXES:
+        weights, index = os.path.join(path, name), os.path.join(path, name + ".index.json")
+        if not (os.path.exists(weights) or os.path.exists(index)):
+            continue
+        if not os.path.exists(index):
+            return
+        try:
+            with open(index, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+            raise CompositionError(f"{index}: unreadable shard index ({type(exc).__name__}: {exc})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CompositionError(f"{index}: no `weight_map` object mapping tensor names to shard files")
+        for tensor, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CompositionError(f"{index}: tensor {tensor!r} maps to {shard!r}, not a shard file name")
+            norm = os.path.normpath(shard)
+            if os.path.isabs(shard) or norm == ".." or norm.startswith(".." + os.sep) or norm.startswith("../"):
+                raise CompositionError(f"{index}: tensor {tensor!r} points at {shard!r}, outside the checkpoint "
+                                       f"directory {path}; refused")
+        return
 
 
 def _read_shapes(index: ShardedTensorIndex) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
@@ -116,9 +150,16 @@ class Checkpoint:
                 config = json.load(f)
         except FileNotFoundError:
             raise CompositionError(f"{label} ({ref}): no config.json in {path}") from None
+        except UnicodeDecodeError as exc:
+            raise CompositionError(f"{cfg_path}: not UTF-8 text ({exc})") from None
         except json.JSONDecodeError as exc:
             raise CompositionError(f"{cfg_path}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise CompositionError(f"{cfg_path}: unreadable ({exc.strerror or exc})") from None
+        if not isinstance(config, dict):
+            raise CompositionError(f"{cfg_path}: expected a JSON object, found a {type(config).__name__}")
         layout = layout_for(config, f"{label} ({cfg_path})", override)
+        check_index(path)
         try:
             index = ShardedTensorIndex.from_disk(path)
         except Exception as exc:
@@ -141,7 +182,21 @@ class Checkpoint:
                 f"{label} ({path}): no language-model tensors found with layout {layout.family.name!r}; "
                 "check the checkpoint or give a `layout:` override"
             )
+        if ckpt.tied and ckpt.declares_untied():
+            raise CompositionError(
+                f"{label}: {cfg_path} says tie_word_embeddings: false, but {path} holds no output head "
+                "(lm_head) tensor; the input embedding is not taken as the head in its place. Add the head, "
+                "or set tie_word_embeddings: true if the model really ties them"
+            )
         return ckpt
+
+    def declares_untied(self) -> bool:
+        """config.json says the head is separate: `tie_word_embeddings: false` in the text config, or at
+        the top level when the text config does not say (transformers reads the text config's)."""
+        text = self.config if self.layout.family.text_only else self.config.get("text_config")
+        if isinstance(text, dict) and "tie_word_embeddings" in text:
+            return text["tie_word_embeddings"] is False
+        return self.config.get("tie_word_embeddings") is False
 
     @property
     def tied(self) -> bool:

@@ -7,12 +7,14 @@ Unknown keys are errors (mergekit itself ignores them silently).
 
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional
+import os
+from typing import Annotated, Dict, List, Literal, Optional
 
 import yaml
-from mergekit.common import ModelReference
+from mergekit.common import ModelPath, ModelReference
 from mergekit.config import ParameterSetting
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapSerializer,
+                      field_validator, model_validator)
 
 from mergekit_multimodal.errors import CompositionError
 
@@ -20,6 +22,24 @@ from mergekit_multimodal.errors import CompositionError
 COMPOSITE_METHODS = ("naive_mc", "mmer", "damc")
 
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+def _local_reference(value):
+    """An existing local directory is a path as written: mergekit's parser would split it at `+`
+    (model+LoRA) or `@` (revision)."""
+    if isinstance(value, str) and os.path.isdir(value):
+        return ModelReference(model=ModelPath(path=value))
+    return value
+
+
+def _reference_text(ref: ModelReference, handler):
+    """A reference as the user wrote it. mergekit's own serializer returns the object itself for a
+    path with a space or a quote, which pydantic then reports as a circular reference."""
+    return handler(ref) if ref.override_architecture is not None else str(ref)
+
+
+#: mergekit's ModelReference, read and written so that any local path round-trips
+ModelRef = Annotated[ModelReference, BeforeValidator(_local_reference), WrapSerializer(_reference_text)]
 
 
 class _Strict(BaseModel):
@@ -42,7 +62,7 @@ class LayoutOverride(_Strict):
 class SourceModel(_Strict):
     """One MLLM fine-tuned from the shared base, and the modality it brings."""
 
-    model: ModelReference
+    model: ModelRef
     modality: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     placeholder: Optional[str] = Field(
         None, description="placeholder token text in the composite; defaults to the source's own"
@@ -62,7 +82,7 @@ class CompositeMergeConfig(_Strict):
     """A composite merge: a base LLM (or MLLM), N sources with a modality each, and a method."""
 
     merge_method: str
-    base_model: ModelReference
+    base_model: ModelRef
     base_layout: Optional[LayoutOverride] = None
     models: List[SourceModel] = Field(min_length=1)
     parameters: Optional[Dict[str, ParameterSetting]] = None
@@ -108,7 +128,8 @@ def is_composite_config(data: dict) -> bool:
         return False
     if data.get("merge_method") in COMPOSITE_METHODS:
         return True
-    return any(isinstance(m, dict) and "modality" in m for m in data.get("models") or [])
+    models = data.get("models")
+    return isinstance(models, list) and any(isinstance(m, dict) and "modality" in m for m in models)
 
 
 def load_config(data: dict, source: str = "config") -> CompositeMergeConfig:

@@ -13,13 +13,13 @@ import logging
 import math
 import os
 import shutil
-import uuid
 from typing import Optional
 
 import torch
 import tqdm
 import transformers
 
+from mergekit_multimodal.compose import output
 from mergekit_multimodal.compose.card import write_card
 from mergekit_multimodal.compose.plan import CompositePlan, TensorJob
 from mergekit_multimodal.compose.writer import Entry, PlannedShardWriter
@@ -32,26 +32,45 @@ LOG = logging.getLogger(__name__)
 
 
 def execute_plan(plan: CompositePlan, out_path: str, config_source: Optional[str] = None, overwrite: bool = False) -> str:
-    """Write the composite to `out_path`; on any failure nothing is left there."""
+    """Write the composite to `out_path`; on any failure nothing is left there (compose/output.py)."""
     out_path = os.path.abspath(out_path)
-    if os.path.exists(out_path) and not overwrite:
+    if os.path.lexists(out_path) and not overwrite:
         raise CompositionError(f"{out_path}: output already exists; remove it or pass --overwrite")
+    if overwrite:
+        output.refuse_inputs(out_path, _input_dirs(plan))
     parent = os.path.dirname(out_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_path)}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        _write_composite(plan, tmp, config_source)
-        if os.path.exists(out_path):
-            trash = tmp + ".old"
-            os.replace(out_path, trash)
-            os.replace(tmp, out_path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise CompositionError(f"{exc.filename or parent}: cannot create the output's directory ({exc.strerror})") from None
+    with output.sigterm_unwinds(), output.OutputLock(out_path):
+        output.clean_stale(out_path)
+        before = output.identity(out_path)
+        if before is not None and not overwrite:
+            raise CompositionError(f"{out_path}: output already exists; remove it or pass --overwrite")
+        tmp = output.partial_path(out_path)
+        try:
+            _write_composite(plan, tmp, config_source)
+            output.land(tmp, out_path, before)
+        except OSError as exc:  # a full disk, a read-only directory, a file that vanished
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CompositionError(f"{exc.filename or tmp}: {exc.strerror or exc} while writing {out_path}; "
+                                   "nothing was written there") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out_path
+
+
+def _input_dirs(plan: CompositePlan):
+    """Every directory the compose reads: base, sources (as written and as resolved), adapters."""
+    refs = [plan.config.base_model] + [m.model for m in plan.config.models]
+    yield from (c.path for c in [plan.base] + plan.sources)
+    for ref in refs:
+        yield ref.model.path
+        if ref.lora is not None:
+            yield ref.lora.path
+    yield from (m.adapters for m in plan.config.models if m.adapters)
 
 
 #: elements per row chunk of one input: bounds the float32 working set of a merge step

@@ -8,7 +8,9 @@ every modality's placeholder gets its own, consistent id. Unnamed padding rows a
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -21,15 +23,42 @@ EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 
 
+#: files whose presence says the checkpoint ships a tokenizer (transformers' fast and slow forms)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "special_tokens_map.json", "added_tokens.json")
+
+
 def load_tokenizer(path: str):
-    """The checkpoint's tokenizer, or None if it ships none (weights-only checkpoints exist)."""
+    """The checkpoint's tokenizer, or None if it ships none (weights-only checkpoints exist).
+
+    A tokenizer that is there but cannot be read is an error naming the file: the composite is never
+    written without the tokenizer its base ships."""
     import transformers
 
+    present = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))]
+    if not present:
+        LOG.info("no tokenizer files at %s", path)
+        return None
+    for name in present:  # name the damaged file: transformers' own error rarely does
+        f = os.path.join(path, name)
+        try:
+            if name == "tokenizer.json":
+                from tokenizers import Tokenizer
+
+                Tokenizer.from_file(f)
+            elif name.endswith(".json"):
+                with open(f, encoding="utf-8") as fh:
+                    json.load(fh)
+            else:
+                with open(f, "rb") as fh:
+                    fh.read(1)
+        except Exception as exc:
+            raise CompositionError(f"{f}: unreadable tokenizer file ({type(exc).__name__}: {exc})") from None
     try:
         return transformers.AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # no tokenizer files, or an unusable tokenizer
-        LOG.info("no tokenizer at %s (%s)", path, exc)
-        return None
+    except Exception as exc:
+        raise CompositionError(f"{path}: its tokenizer files ({', '.join(present)}) do not load "
+                               f"({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)

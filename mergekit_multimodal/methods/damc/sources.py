@@ -100,6 +100,23 @@ class DecoupledSource:
     encoders: Dict[str, str] = field(default_factory=dict)  # ModelCompose config.json: mm_*_encoder
 
 
+def check_finite(tensors: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    """Every floating tensor of a file finite, or an error naming the file and the tensor."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CompositionError(f"{path}: tensor {key!r} holds NaN or inf values")
+    return tensors
+
+
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors (safetensors' reader), checked finite; damage is an error naming it."""
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        raise CompositionError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    return check_finite(tensors, path)
+
+
 def safe_torch_load(path: str) -> Dict[str, torch.Tensor]:
     """A pickled state dict, refusing anything but a flat dict of tensors (never arbitrary objects)."""
     try:
@@ -114,7 +131,7 @@ def safe_torch_load(path: str) -> Dict[str, torch.Tensor]:
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             raise CompositionError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; refused")
-    return obj
+    return check_finite(obj, path)
 
 
 def _read_weights(directory: str) -> Dict[str, torch.Tensor]:
@@ -125,9 +142,10 @@ def _read_weights(directory: str) -> Dict[str, torch.Tensor]:
     st, bin_ = os.path.join(directory, "adapter_model.safetensors"), os.path.join(directory, "adapter_model.bin")
     if os.path.exists(st):  # checked first: peft would otherwise look the directory up on the Hub
         try:
-            return load_peft_weights(directory, device="cpu")
+            weights = load_peft_weights(directory, device="cpu")
         except Exception as exc:
             raise CompositionError(f"{st}: unreadable ({type(exc).__name__}: {exc})") from None
+        return check_finite(weights, st)
     if os.path.exists(bin_):
         return safe_torch_load(bin_)
     raise CompositionError(f"{directory}: no adapter_model.safetensors or adapter_model.bin")
@@ -247,22 +265,16 @@ def _read_peft(directory: str, modality: str, name_map, adapter: Optional[str]) 
         setattr(src, which, _pair(factors, _scale(cfg, os.path.join(d, "adapter_config.json")), d, name_map))
     ps = os.path.join(directory, PREFIX_SUFFIX_FILE)
     if os.path.exists(ps):
-        tokens = load_file(ps)
+        tokens = _load_safetensors(ps)
         src.prefix, src.suffix = _tokens(tokens, adapter, modality, ps)
     conn = os.path.join(directory, CONNECTOR_FILE)
     if os.path.exists(conn):
-        try:
-            src.connector = load_file(conn)
-        except Exception as exc:
-            raise CompositionError(f"{conn}: unreadable ({type(exc).__name__}: {exc})") from None
+        src.connector = _load_safetensors(conn)
     return src
 
 
 def _read_dense(path: str, name_map) -> Dict[str, Dense]:
-    try:
-        tensors = load_file(path)
-    except Exception as exc:
-        raise CompositionError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    tensors = _load_safetensors(path)
     out = {}
     for key, t in tensors.items():
         if t.dim() != 2 or not key.endswith(".weight"):
