@@ -1,5 +1,5 @@
-"""DAMC, whole: its merge (kernel.py), its sources' readers (sources.py: PEFT two-adapter and
-ModelCompose forms), what it writes and how that is read back (outputs.py), its runtime deltas
+"""DAMC, whole: its merge (kernel.py), its sources' readers (sources.py: the PEFT two-adapter form
+and what both forms share; modelcompose.py: ModelCompose releases and their projector), what it writes and how that is read back (outputs.py), its runtime deltas
 (runtime.py) and the training helper for decoupled sources (train.py), bound here."""
 
 from __future__ import annotations
@@ -10,12 +10,8 @@ from mergekit_multimodal.families import CONNECTOR, ENCODER, LLM
 from mergekit_multimodal.methods.damc import outputs
 from mergekit_multimodal.methods.damc.kernel import DAMCKernel, lambdas_of, text_route
 from mergekit_multimodal.methods.damc.runtime import DenseDelta, LowRankDelta
-from mergekit_multimodal.methods.damc.sources import (
-    connector_overrides,
-    is_modelcompose,
-    projector_overrides,
-    read_decoupled,
-)
+from mergekit_multimodal.methods.damc.modelcompose import is_modelcompose, projector_overrides
+from mergekit_multimodal.methods.damc.sources import connector_overrides, read_decoupled
 
 
 class DAMC(DAMCKernel):
