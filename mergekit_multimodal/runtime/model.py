@@ -50,6 +50,24 @@ def resolve_route(route: Optional[str], manifest: Manifest, modalities) -> Optio
     return None if route == "per-token" else route
 
 
+def resolve_device(device) -> torch.device:
+    """A `--device` / `device=` value as a torch device: None or "auto" -> cuda when available, else
+    cpu; a name torch does not know, or an accelerator this machine lacks, is a CompositionError."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CompositionError(f"device {device!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type != "cpu" and callable(available) and not available():
+        raise CompositionError(f"device {device!r}: this machine has no {dev.type} device (torch sees none)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CompositionError(f"device {device!r}: this machine has {torch.cuda.device_count()} cuda device(s)")
+    return dev
+
+
 class CompositeModel(nn.Module):
     def __init__(self, path: str, llm: transformers.PreTrainedModel, encoders: Dict[str, ModalityEncoder],
                  manifest: Manifest, state: RouteState):
@@ -79,12 +97,11 @@ class CompositeModel(nn.Module):
         cfg = Manifest.read(path)
         if device is None and isinstance(device_map, (str, torch.device)):
             device = device_map
-        if device == "auto":  # one device: the composite's routes are not split across devices
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device_map is not None and not isinstance(device_map, (str, torch.device)):
             raise CompositionError("device_map must name one device (e.g. 'cuda:0' or 'auto'); "
                                    "splitting a composite across devices is not supported")
-        device = torch.device(device or "cpu")
+        # "auto": one device; the composite's routes are not split across devices
+        device = resolve_device(device) if device is not None else torch.device("cpu")
         try:
             llm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         except Exception as exc:
