@@ -123,11 +123,21 @@ def load_encoder(directory: str, dtype=None):
         for n in files:
             sd.update({k: v for k, v in load_file(os.path.join(directory, n)).items()
                        if not k.startswith("language_model.")})
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        want = model.state_dict()
     except Exception as exc:
         raise CompositionError(f"{directory}: cannot load the point-cloud encoder ({type(exc).__name__}: {exc})") from None
+    where = os.path.join(directory, files[0] if len(files) == 1 else "*.safetensors")
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
     if missing:
-        raise CompositionError(f"{directory}: point-cloud encoder tensors missing: {missing[:5]}")
+        raise CompositionError(f"{where}: point-cloud encoder tensor(s) missing: {missing[:5]}")
+    if unexpected:
+        raise CompositionError(f"{where}: unexpected point-cloud encoder tensor(s): {unexpected[:5]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise CompositionError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, the config needs "
+                                   f"{tuple(want[k].shape)}")
+    model.load_state_dict(sd, strict=True)
     if dtype is not None:
         model.to(dtype)
     return model.eval(), cfg
