@@ -109,6 +109,8 @@ def header_shapes(directory: str, basename: str = "model") -> Dict[str, Tuple[Tu
         by_shard = {single: None}
     out: Dict[str, Tuple[Tuple[int, ...], str]] = {}
     for file, names in sorted(by_shard.items()):
+        if names is not None and not os.path.isfile(file):
+            raise CompositionError(f"{index_path}: names shard {os.path.basename(file)}, which is missing ({file})")
         try:
             with safe_open(file, framework="pt") as f:
                 keys = set(f.keys())

@@ -335,4 +335,4 @@ def _read_affixes(file: str, dtype: torch.dtype, device, hidden: int) -> Tuple[O
             raise CompositionError(f"{file}: tensor {k!r} has shape {tuple(v.shape)}; expected [n, {hidden}] "
                                    f"(the merged LLM's hidden size)")
         check_finite(v, file, k)
-    return tuple(t[k].to(device, dtype) if k in t else None for k in ("prefix", "suffix"))
+    return tuple(t[k].to(device, dtype or t[k].dtype) if k in t else None for k in ("prefix", "suffix"))
