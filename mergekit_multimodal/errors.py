@@ -59,8 +59,11 @@ def cli_errors(exit_code: int = 1, debug: bool = False, after: Optional[str] = N
     `after` adds a hint line. With MERGEKIT_MM_DEBUG=1 or `debug`, the exception propagates."""
     import click
 
+    from mergekit_multimodal.hub.upload import bounded_hub_requests  # any Hub call a command makes: bounded
+
     try:
-        yield
+        with bounded_hub_requests():
+            yield
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - filtered by describe()
