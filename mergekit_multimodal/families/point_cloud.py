@@ -24,6 +24,8 @@ from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families.base import Encoder, Family
 
 ARCHITECTURE = "PointLlavaForConditionalGeneration"
+#: size budget of one point cloud (docs/runtime.md)
+MAX_POINTS = 10_000_000
 MODEL_TYPE = "point_llava"
 
 
@@ -153,7 +155,7 @@ def _load_points(item: Any) -> Tuple[np.ndarray, str]:
     if isinstance(item, (str, os.PathLike)):
         path = str(item)
         try:
-            arr = np.load(path)
+            arr = np.load(path, allow_pickle=False)
         except Exception as exc:
             raise CompositionError(f"{path}: not a readable .npy point cloud ({type(exc).__name__}: {exc})") from None
         where = path
@@ -162,7 +164,14 @@ def _load_points(item: Any) -> Tuple[np.ndarray, str]:
     if arr.ndim != 2 or arr.shape[0] == 0:
         raise CompositionError(f"{where}: a point cloud is [points, 3 or 6] with at least one point, "
                                f"got shape {tuple(arr.shape)}")
-    return arr.astype(np.float32), where
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise CompositionError(f"{where}: a point cloud is numbers, got dtype {arr.dtype}")
+    if arr.shape[0] > MAX_POINTS:
+        raise CompositionError(f"{where}: {arr.shape[0]} points is over the budget of {MAX_POINTS}; subsample it first")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise CompositionError(f"{where}: {int((~np.isfinite(arr)).sum())} value(s) are NaN or inf")
+    return arr, where
 
 
 def preprocess_point_clouds(items: Sequence[Any], directory: str) -> Dict[str, torch.Tensor]:
