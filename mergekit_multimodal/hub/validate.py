@@ -136,9 +136,10 @@ def _check_llm_tensors(directory: Path) -> dict:
         raise CompositionError(f"{directory / 'config.json'}: the merged LLM cannot be built from it "
                                f"({type(exc).__name__}: {exc})") from None
     params = dict(model.named_parameters())  # tied weights once, under their first name
-    want = {**params, **{n: b for n, b in model.state_dict().items() if n not in params and
-                         not any(b is p for p in params.values())}}
-    optional = set(model.state_dict()) - set(want)  # a tied head's alias: may be stored or not
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    state = model.state_dict()
+    want = {n: t for n, t in state.items() if n not in aliases}  # parameters and persistent buffers
+    optional = aliases & set(state)  # a tied head's alias: may be stored or not
     missing = sorted(set(want) - set(found))
     if missing:
         raise CompositionError(f"{file}: tensor {missing[0]!r} is missing (and {len(missing) - 1} more); "
@@ -151,7 +152,7 @@ def _check_llm_tensors(directory: Path) -> dict:
     declared = getattr(torch, declared, None) if isinstance(declared, str) else declared
     dtype = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(declared)
     for name, (shape, dt) in found.items():
-        t = want.get(name, model.state_dict().get(name))
+        t = state[name]
         if tuple(shape) != tuple(t.shape):
             raise CompositionError(f"{file}: tensor {name!r} has shape {list(shape)}; the config needs {list(t.shape)}")
         if dtype and dt != dtype and name in params:
