@@ -8,14 +8,13 @@ already on disk (both through `hub.push`, which validates before sending anythin
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from mergekit_multimodal.api import run_yaml
-from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.errors import CompositionError, cli_errors
 from mergekit_multimodal.hub import push
 
 
@@ -47,27 +46,20 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str, overwrite
         raise click.UsageError("--private and --revision need --push-to-hub")
     if push_to_hub and not merge_options.write_model_card:
         raise click.UsageError("--push-to-hub needs the model card: drop --no-write-model-card")
-    try:
-        with open(config_file, "r", encoding="utf-8") as f:
-            source = f.read()
-    except OSError as exc:
-        raise click.ClickException(f"{config_file}: {exc.strerror}")
-    except UnicodeDecodeError as exc:
-        click.echo(f"error: {config_file}: not UTF-8 text ({exc})", err=True)
-        sys.exit(2)
-    try:
-        run_yaml(source, out_path, merge_options, source_name=config_file, overwrite=overwrite)
-    except CompositionError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    if push_to_hub:
+    with cli_errors(exit_code=2):
         try:
+            with open(config_file, "r", encoding="utf-8") as f:
+                source = f.read()
+        except UnicodeDecodeError as exc:
+            raise CompositionError(f"{config_file}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise CompositionError(f"{config_file}: {exc.strerror or exc}") from None
+        run_yaml(source, out_path, merge_options, source_name=config_file, overwrite=overwrite)
+    if push_to_hub:
+        with cli_errors(exit_code=2, after=f"{out_path} is complete; push it again with: "
+                                           f"mergekit-mm-push {out_path} {push_to_hub}"):
             push(out_path, push_to_hub, private=private, revision=revision, token=token, endpoint=endpoint,
                  echo=click.echo)
-        except CompositionError as exc:
-            click.echo(f"error: {exc}\n{out_path} is complete; push it again with: "
-                       f"mergekit-mm-push {out_path} {push_to_hub}", err=True)
-            sys.exit(2)
 
 
 @click.command("mergekit-mm-push")
@@ -75,15 +67,13 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str, overwrite
 @click.argument("repo_id")
 @_hub_options
 @click.option("--commit-message", default=None, help="Commit message (default: Upload <dir> with mergekit-multimodal)")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
 def push_main(composite: str, repo_id: str, private: bool, revision: Optional[str], token: Optional[str],
-              endpoint: Optional[str], commit_message: Optional[str]):
+              endpoint: Optional[str], commit_message: Optional[str], debug: bool):
     """Check COMPOSITE is complete, then upload it to the Hub repository REPO_ID (created if missing)."""
-    try:
+    with cli_errors(exit_code=2, debug=debug):
         push(composite, repo_id, private=private, revision=revision, token=token, endpoint=endpoint,
              commit_message=commit_message, echo=click.echo)
-    except CompositionError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,16 @@ def relative_distance(composite: str, modality: str, source_dir: str) -> float:
 
 @click.command("mergekit-mm-example")
 @click.argument("out_dir", default="example-out")
-def main(out_dir: str):
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
+def main(out_dir: str, debug: bool):
+    """Build tiny source MLLMs in OUT_DIR, compose them with MMER and NaiveMC, and compare the routes."""
+    from mergekit_multimodal.errors import cli_errors
+
+    with cli_errors(exit_code=1, debug=debug):
+        _story(out_dir)
+
+
+def _story(out_dir: str):
     from mergekit.options import MergeOptions
 
     from mergekit_multimodal.testing import build_tiny_family

@@ -8,7 +8,7 @@ import click
 import torch
 from mergekit.common import dtype_from_name
 
-from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.errors import CompositionError, cli_errors
 
 #: --dtype choices; mergekit's dtype_from_name makes the torch dtype
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -38,8 +38,15 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
     None or "per-token": per-token routing; a modality name: the whole input on that route.
     """
     from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, resolve_route
+    from mergekit_multimodal.runtime.model import resolve_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as surrogate escapes
+        raise CompositionError("the prompt is not valid UTF-8 text") from None
+    if not prompt.strip() and not media and not kinds:
+        raise CompositionError("the prompt is empty: give a question (or media to ask about)")
     torch_dtype = dtype_from_name(dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     proc = CompositeProcessor.from_pretrained(composite, num_frames=num_frames)
     items: List[Tuple[str, str]] = [(proc.modality_of_kind(k), p) for k, p in kinds] + list(media)
@@ -72,7 +79,8 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
               help="A modality: the whole input on its route (MMER: that source's own parameters). auto: so "
                    "when every item is of one modality, else per-token. per-token: each token on its own route.")
 @click.option("--num-frames", default=None, type=click.IntRange(1), help="Sample each video to this many frames.")
-def main(composite, prompt, images, videos, audios, media, device, dtype, max_new_tokens, route, num_frames):
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
+def main(composite, prompt, images, videos, audios, media, device, dtype, max_new_tokens, route, num_frames, debug):
     """Answer PROMPT about the given media with the composite at COMPOSITE.
 
     \b
@@ -80,11 +88,9 @@ def main(composite, prompt, images, videos, audios, media, device, dtype, max_ne
     mergekit-mm-run ./my-composite --media video_next=clip.mp4 "<video_next> What happens?"
     """
     kinds = [("image", p) for p in images] + [("video", p) for p in videos] + [("audio", p) for p in audios]
-    try:
+    with cli_errors(exit_code=1, debug=debug):
         text = answer(composite, prompt, _media_option(media), kinds=kinds, device=device, dtype=dtype,
                       max_new_tokens=max_new_tokens, route=route, num_frames=num_frames)
-    except CompositionError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(text)
 
 

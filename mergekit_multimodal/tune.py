@@ -26,7 +26,7 @@ import click
 import tqdm
 import yaml
 
-from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.errors import CompositionError, cli_errors
 from mergekit_multimodal.evaluation import ANSWER_WITH
 
 Space = Mapping[str, Sequence[Any]]
@@ -177,9 +177,11 @@ def _parse_space(items: Sequence[str]) -> Dict[str, List[Any]]:
 @click.option("--answer-with", type=click.Choice(ANSWER_WITH), default="label", show_default=True,
               help="as mergekit-mm-eval --answer-with")
 @click.option("--route", default=None, help="as mergekit-mm-eval --route (e.g. auto)")
-def main(config_file, benchmark, space, strategy, out_file, device, limit, workdir, template, answer_with, route):
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
+def main(config_file, benchmark, space, strategy, out_file, device, limit, workdir, template, answer_with, route,
+         debug):
     """Search CONFIG_FILE's coefficients on a validation benchmark; write the best as a YAML."""
-    try:
+    with cli_errors(exit_code=1, debug=debug):
         with open(config_file, encoding="utf-8") as f:
             config = yaml.safe_load(f)
         prompt = dict(answer_with=answer_with, route=route)
@@ -187,10 +189,8 @@ def main(config_file, benchmark, space, strategy, out_file, device, limit, workd
             prompt["template"] = template.replace("\\n", "\n")
         scorer = _benchmark_scorer(benchmark, device, limit, **prompt)
         result = tune(config, scorer, _parse_space(space) or None, strategy, workdir=workdir)
-    except CompositionError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(result.table())
-    with open(out_file, "w", encoding="utf-8") as f:
+    with cli_errors(exit_code=1, debug=debug), open(out_file, "w", encoding="utf-8") as f:
         prompt_args = "".join(f" --{k.replace('_', '-')} {v!r}" for k, v in prompt.items() if v is not None)
         f.write(f"# mergekit-mm-tune --val {benchmark} --strategy {strategy}{prompt_args}: "
                 f"best score {result.best_score:.4f}\n")

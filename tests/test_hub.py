@@ -222,7 +222,55 @@ def _drop_from_index(root):
     return index
 
 
+def _rewrite(file, edit):
+    """Rewrite a safetensors file with `edit(tensors)` applied (a tensor dropped, shortened, poisoned)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _drop_llm_tensor(root):
+    """A tensor gone from its shard AND the index: only the config says it should be there."""
+    index = root / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = "model.layers.0.mlp.down_proj.weight"
+    _rewrite(root / data["weight_map"].pop(name), lambda t: t.pop(name))
+    index.write_text(json.dumps(data))
+
+
+def _poison_llm(root):
+    data = json.loads((root / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.self_attn.q_proj.weight"
+    _rewrite(root / data["weight_map"][name], lambda t: t[name].view(-1).__setitem__(3, float("inf")))
+
+
+def _halve_mask(root):
+    def edit(t):
+        key = "image/model.layers.0.mlp.down_proj.weight"
+        t[key] = t[key][: t[key].numel() // 2].clone()
+
+    _rewrite(_first(root / "routes", "masks*.safetensors"), edit)
+
+
+def _drop_encoder_tensor(root):
+    """From its shard and (when sharded) the index."""
+    name, d = "multi_modal_projector.linear_2.weight", root / "modalities" / "image"
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        _rewrite(d / data["weight_map"].pop(name), lambda t: t.pop(name))
+        index.write_text(json.dumps(data))
+    else:
+        _rewrite(d / "model.safetensors", lambda t: t.pop(name))
+
+
 CORRUPTIONS = {
+    "LLM tensor missing from shard and index": (_drop_llm_tensor, "model.layers.0.mlp.down_proj.weight"),
+    "inf in the merged LLM": (_poison_llm, "model.layers.1.self_attn.q_proj.weight"),
+    "half-length mask": (_halve_mask, "image/model.layers.0.mlp.down_proj.weight"),
+    "encoder tensor missing": (_drop_encoder_tensor, "multi_modal_projector.linear_2.weight"),
     "no composite_config.json": (lambda c: _rm(c / "composite_config.json"), "composite_config.json"),
     "composite_config.json not JSON": (lambda c: (c / "composite_config.json").write_text("{"), "composite_config.json"),
     "modality dir missing": (lambda c: _rm(c / "modalities" / "audio"), "modalities/audio"),

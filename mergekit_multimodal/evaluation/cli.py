@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import click
-import torch
+import os
 
-from mergekit_multimodal.errors import CompositionError
+import click
+
+from mergekit_multimodal.errors import CompositionError, cli_errors
 from mergekit_multimodal.evaluation.benchmark import LETTERS
 from mergekit_multimodal.evaluation.prompts import ANSWER_WITH, DEFAULT_TEMPLATE
 from mergekit_multimodal.evaluation.report import format_table, write_results
 from mergekit_multimodal.evaluation.running import DTYPE_NAMES, evaluate
+from mergekit_multimodal.runtime.model import resolve_device
 
 
 @click.command("mergekit-mm-eval")
@@ -39,8 +41,9 @@ from mergekit_multimodal.evaluation.running import DTYPE_NAMES, evaluate
 @click.option("--cache-dir", default=None, metavar="DIR",
               help="Keep a single source's one-source composite here for reuse (default: a temporary dir).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
 def main(model, benchmark, out, device, dtype, route, limit, subsets, batch_size, modality, template, labels,
-         answer_with, generate, max_new_tokens, num_frames, cache_dir, quiet):
+         answer_with, generate, max_new_tokens, num_frames, cache_dir, quiet, debug):
     """Multiple-choice accuracy of MODEL (a composite, or one source MLLM) on BENCHMARK
     (benchmark.jsonl / .json, or a directory holding one); see docs/evaluate.md.
 
@@ -48,10 +51,12 @@ def main(model, benchmark, out, device, dtype, route, limit, subsets, batch_size
     mergekit-mm-eval ./my-composite ./mcub/benchmark.jsonl --out eval-mine
     mergekit-mm-eval ./llava-1.5-7b ./mcub --subset image --route image
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     template = template.replace("\\n", "\n") if template else DEFAULT_TEMPLATE
     label_list = tuple(s.strip() for s in labels.split(",")) if labels else LETTERS
-    try:
+    with cli_errors(exit_code=1, debug=debug):
+        device = str(resolve_device(device))
+        if out is not None and os.path.exists(out) and not os.path.isdir(out):
+            raise CompositionError(f"--out {out}: exists and is not a directory")
         if any(not s for s in label_list) or len(set(label_list)) != len(label_list):
             raise CompositionError(f"--labels {labels!r}: give distinct, non-empty labels")
         result = evaluate(model, benchmark, device=device, dtype=dtype, route=route, limit=limit,
@@ -60,8 +65,6 @@ def main(model, benchmark, out, device, dtype, route, limit, subsets, batch_size
                           cache_dir=cache_dir, num_frames=num_frames, answer_with=answer_with)
         out = out or f"eval-{result.name}"
         paths = write_results(result, out)
-    except CompositionError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(format_table([result]))
     for s, n in result.skipped.items():
         click.echo(f"skipped {n} {s} question(s): the model lacks a modality they need", err=True)

@@ -99,6 +99,8 @@ def load_results(path: str) -> EvalResult:
 
 def write_results(result: EvalResult, out_dir: str) -> Dict[str, str]:
     """results.json (scores, no predictions), predictions.jsonl (one line a question), accuracy.png."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CompositionError(f"{out_dir}: exists and is not a directory; results need a directory")
     os.makedirs(out_dir, exist_ok=True)
     paths = {"results": os.path.join(out_dir, "results.json"),
              "predictions": os.path.join(out_dir, "predictions.jsonl"),

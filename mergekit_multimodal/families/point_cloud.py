@@ -24,6 +24,8 @@ from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families.base import Encoder, Family
 
 ARCHITECTURE = "PointLlavaForConditionalGeneration"
+#: size budget of one point cloud (docs/runtime.md)
+MAX_POINTS = 10_000_000
 MODEL_TYPE = "point_llava"
 
 
@@ -123,11 +125,21 @@ def load_encoder(directory: str, dtype=None):
         for n in files:
             sd.update({k: v for k, v in load_file(os.path.join(directory, n)).items()
                        if not k.startswith("language_model.")})
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        want = model.state_dict()
     except Exception as exc:
         raise CompositionError(f"{directory}: cannot load the point-cloud encoder ({type(exc).__name__}: {exc})") from None
+    where = os.path.join(directory, files[0] if len(files) == 1 else "*.safetensors")
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
     if missing:
-        raise CompositionError(f"{directory}: point-cloud encoder tensors missing: {missing[:5]}")
+        raise CompositionError(f"{where}: point-cloud encoder tensor(s) missing: {missing[:5]}")
+    if unexpected:
+        raise CompositionError(f"{where}: unexpected point-cloud encoder tensor(s): {unexpected[:5]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise CompositionError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, the config needs "
+                                   f"{tuple(want[k].shape)}")
+    model.load_state_dict(sd, strict=True)
     if dtype is not None:
         model.to(dtype)
     return model.eval(), cfg
@@ -143,7 +155,7 @@ def _load_points(item: Any) -> Tuple[np.ndarray, str]:
     if isinstance(item, (str, os.PathLike)):
         path = str(item)
         try:
-            arr = np.load(path)
+            arr = np.load(path, allow_pickle=False)
         except Exception as exc:
             raise CompositionError(f"{path}: not a readable .npy point cloud ({type(exc).__name__}: {exc})") from None
         where = path
@@ -152,7 +164,14 @@ def _load_points(item: Any) -> Tuple[np.ndarray, str]:
     if arr.ndim != 2 or arr.shape[0] == 0:
         raise CompositionError(f"{where}: a point cloud is [points, 3 or 6] with at least one point, "
                                f"got shape {tuple(arr.shape)}")
-    return arr.astype(np.float32), where
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise CompositionError(f"{where}: a point cloud is numbers, got dtype {arr.dtype}")
+    if arr.shape[0] > MAX_POINTS:
+        raise CompositionError(f"{where}: {arr.shape[0]} points is over the budget of {MAX_POINTS}; subsample it first")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise CompositionError(f"{where}: {int((~np.isfinite(arr)).sum())} value(s) are NaN or inf")
+    return arr, where
 
 
 def preprocess_point_clouds(items: Sequence[Any], directory: str) -> Dict[str, torch.Tensor]:

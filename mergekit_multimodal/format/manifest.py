@@ -98,5 +98,5 @@ class Manifest(_Entry):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-            raise CompositionError(f"{path}: invalid composite manifest\n" + "\n".join(lines)) from None
+            problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+            raise CompositionError(f"{path}: invalid composite manifest: " + "; ".join(problems)) from None

@@ -10,10 +10,11 @@ otherwise lose the whole push.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.hub.validate import validate_for_push
@@ -23,6 +24,74 @@ RETRY_ATTEMPTS = 4
 RETRY_BASE_WAIT = 2.0
 RETRY_MAX_WAIT = 60.0
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+#: seconds to open a connection to the Hub, and to wait for each read (or write) on it; every
+#: request huggingface_hub sends without a timeout of its own gets these (env overrides below)
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+CONNECT_TIMEOUT_ENV = "MERGEKIT_MM_HUB_CONNECT_TIMEOUT"
+READ_TIMEOUT_ENV = "MERGEKIT_MM_HUB_READ_TIMEOUT"
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def hub_timeouts() -> Tuple[float, float]:
+    """(connect, read) seconds: the env overrides, else CONNECT_TIMEOUT and READ_TIMEOUT."""
+    out = []
+    for env, default in ((CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT), (READ_TIMEOUT_ENV, READ_TIMEOUT)):
+        raw = os.environ.get(env)
+        try:
+            value = float(raw) if raw else float(default)
+        except ValueError:
+            raise CompositionError(f"{env}={raw!r}: expected a number of seconds") from None
+        if value <= 0:
+            raise CompositionError(f"{env}={raw!r}: expected a positive number of seconds")
+        out.append(value)
+    return out[0], out[1]
+
+
+@contextlib.contextmanager
+def bounded_hub_requests() -> Iterator[None]:
+    """Every request huggingface_hub sends inside gets connect/read/write/pool timeouts where it
+    has none (its default client has none, and HfApi's calls such as create_repo pass none).
+
+    huggingface_hub's own way (`set_client_factory`): the client its factory makes (the user's
+    own factory kept, proxies and all) gets a request hook that fills the missing timeouts;
+    the previous factory is restored on exit."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    connect, read = hub_timeouts()
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def bound(request) -> None:
+        timeout = dict(request.extensions.get("timeout") or {})
+        for key, value in (("connect", connect), ("read", read), ("write", read), ("pool", read)):
+            if timeout.get(key) is None:
+                timeout[key] = value
+        request.extensions = {**request.extensions, "timeout": timeout}
+
+    def factory():
+        client = previous()
+        hooks = client.event_hooks
+        client.event_hooks = {**hooks, "request": [*hooks.get("request", []), bound]}
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def worst_case_seconds() -> float:
+    """How long one push step can take against a server that accepts and never answers: each
+    attempt waits at most connect + read seconds, then the backoff between attempts."""
+    connect, read = hub_timeouts()
+    waits = sum(min(RETRY_BASE_WAIT * 2 ** a, RETRY_MAX_WAIT) for a in range(RETRY_ATTEMPTS - 1))
+    return RETRY_ATTEMPTS * (connect + read) + waits
 
 
 # -- retries ----------------------------------------------------------------------------------
@@ -101,11 +170,19 @@ def push(path: str, repo_id: str, *, private: bool = False, revision: Optional[s
 
     `endpoint` defaults to huggingface_hub's configured one (HF_ENDPOINT); `token` to its usual
     lookup. Nothing is sent when validation fails. Failures of the upload raise CompositionError.
+    Every request has timeouts (`bounded_hub_requests`) and each step RETRY_ATTEMPTS tries, so a
+    server that never answers fails within `worst_case_seconds()` a step.
     """
+    files = validate_for_push(path)
+    with bounded_hub_requests():
+        return _upload(path, repo_id, files, private=private, revision=revision, token=token, endpoint=endpoint,
+                       commit_message=commit_message, echo=echo)
+
+
+def _upload(path: str, repo_id: str, files, *, private, revision, token, endpoint, commit_message, echo) -> str:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    files = validate_for_push(path)
     total = sum(os.path.getsize(os.path.join(path, f)) for f in files)
     api = HfApi(endpoint=endpoint, token=token, library_name="mergekit-multimodal")
     where = f"{repo_id}" + (f" (branch {revision})" if revision else "")

@@ -92,7 +92,8 @@ def _check_composite(root: Path, cfg_path: Path) -> None:
     from mergekit_multimodal.methods import get_method
 
     manifest = Manifest.read(str(root))
-    _check_model_dir(root / manifest.llm.path, "the merged LLM")
+    llm_dir = root / manifest.llm.path
+    _check_model_dir(llm_dir, "the merged LLM")
     for name, info in manifest.modalities.items():
         _check_model_dir(root / info.path, f"modality {name!r} (named in {COMPOSITE_CONFIG})")
     if manifest.routes:
@@ -102,6 +103,95 @@ def _check_composite(root: Path, cfg_path: Path) -> None:
             raise CompositionError(f"{rdir}: {kind.upper()} routes named in {COMPOSITE_CONFIG} are missing")
         for basename in get_method(manifest.merge_method).route_basenames(manifest):
             _check_weights(rdir, basename, f"the {kind.upper()} routes ({basename})")
+    llm_shapes = _check_llm_tensors(llm_dir)
+    if manifest.routes:
+        method = get_method(manifest.merge_method)
+        method.check_routes(str(root), manifest, llm_shapes)
+        for basename in method.route_basenames(manifest):
+            _check_finite(root / manifest.routes.dir, basename)
+    _check_finite(llm_dir, "model")
+    for name, info in manifest.modalities.items():
+        _check_encoder(name, info.family, root / info.path)
+    for name, info in manifest.modalities.items():
+        if info.prefix_suffix:
+            _check_affixes(root / info.prefix_suffix, llm_shapes)
+
+
+def _check_llm_tensors(directory: Path) -> dict:
+    """Every tensor the merged LLM's config needs is in its files with its shape and dtype, and
+    nothing else: names and shapes from the model built on the meta device (no memory), compared
+    with the safetensors headers (no weights read). Returns {tensor: (shape, dtype)} of the files."""
+    import torch
+    import transformers
+
+    from mergekit_multimodal.format.tensors import header_shapes, weights_file
+
+    found = header_shapes(str(directory), "model")
+    file = weights_file(str(directory), "model")
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(directory))
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception as exc:  # noqa: BLE001 - unknown model_type, bad values
+        raise CompositionError(f"{directory / 'config.json'}: the merged LLM cannot be built from it "
+                               f"({type(exc).__name__}: {exc})") from None
+    params = dict(model.named_parameters())  # tied weights once, under their first name
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    state = model.state_dict()
+    want = {n: t for n, t in state.items() if n not in aliases}  # parameters and persistent buffers
+    optional = aliases & set(state)  # a tied head's alias: may be stored or not
+    missing = sorted(set(want) - set(found))
+    if missing:
+        raise CompositionError(f"{file}: tensor {missing[0]!r} is missing (and {len(missing) - 1} more); "
+                               f"the merged LLM's config needs it")
+    unexpected = sorted(set(found) - set(want) - optional)
+    if unexpected:
+        raise CompositionError(f"{file}: unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} more): "
+                               f"not in the merged LLM's config")
+    declared = getattr(cfg, "dtype", None)
+    declared = getattr(torch, declared, None) if isinstance(declared, str) else declared
+    dtype = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(declared)
+    for name, (shape, dt) in found.items():
+        t = state[name]
+        if tuple(shape) != tuple(t.shape):
+            raise CompositionError(f"{file}: tensor {name!r} has shape {list(shape)}; the config needs {list(t.shape)}")
+        if dtype and dt != dtype and name in params:
+            raise CompositionError(f"{file}: tensor {name!r} is {dt}; the config says {dtype}")
+    return found
+
+
+def _check_finite(directory: Path, basename: str) -> None:
+    """No NaN or inf in a stream's floating-point tensors, read one tensor at a time."""
+    from mergekit_multimodal.format.tensors import check_finite, iter_tensors
+
+    for file, name, tensor in iter_tensors(str(directory), basename):
+        check_finite(tensor, file, name)
+
+
+def _check_encoder(name: str, family: str, directory: Path) -> None:
+    """The loader's own strict encoder load (on CPU, then dropped): every encoder/connector tensor
+    there with its shape, none unexpected. Encoders are small next to the LLM."""
+    from transformers.utils import logging as hf_logging
+
+    from mergekit_multimodal.runtime.encoders import ModalityEncoder
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a check, not a load the user asked for
+    try:
+        ModalityEncoder(name, family, str(directory), None, "cpu")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_affixes(file: Path, llm_shapes: dict) -> None:
+    from mergekit_multimodal.runtime.model import _read_affixes
+
+    embed = next((s for n, (s, _) in llm_shapes.items() if n.endswith("embed_tokens.weight")), None)
+    if not file.is_file():
+        raise CompositionError(f"{file}: missing (named in {COMPOSITE_CONFIG})")
+    if embed is not None:
+        _read_affixes(str(file), None, "cpu", embed[1])
 
 
 def _check_card(readme: Path) -> None:

@@ -216,6 +216,12 @@ class CompositeMethod:
         """The route streams a composite of this method must hold (push validation)."""
         return []
 
+    def check_routes(self, path: str, manifest: "Manifest", llm_shapes: Mapping[str, Any]) -> None:
+        """Refuse a composite whose route files do not match its merged LLM (`llm_shapes`: tensor ->
+        (shape, safetensors dtype), from the headers): every tensor the method routes is there, with
+        its shape and dtype, and nothing else; read from the safetensors headers only (the loader
+        calls it before `read_deltas`, push validation before sending anything)."""
+
     def read_deltas(self, path: str, manifest: "Manifest", modalities: Sequence[str], dtype: torch.dtype,
                     skip: Iterable[str] = (), only: Optional[Iterable[str]] = None) -> Dict[str, Any]:
         """One delta module per routed LLM tensor (but those in `skip`; only those in `only` if

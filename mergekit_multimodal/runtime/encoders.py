@@ -18,8 +18,16 @@ import transformers
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import get_family
+from mergekit_multimodal.format.tensors import refuse_incomplete, weights_file
 
 LOG = logging.getLogger(__name__)
+
+
+def llm_parameter_names(model: torch.nn.Module) -> set:
+    """Names of a multimodal model's language-model parameters (its decoder and output head)."""
+    owned = {id(p) for mod in (model.get_decoder(), model.get_output_embeddings()) if mod is not None
+             for p in mod.parameters()}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in owned}
 
 
 class ModalityEncoder:
@@ -42,11 +50,15 @@ class ModalityEncoder:
         prev = transformers.utils.logging.get_verbosity()
         transformers.utils.logging.set_verbosity_error()  # the absent LLM weights are expected
         try:
-            self.model = cls.from_pretrained(directory, config=cfg, dtype=dtype)
+            self.model, info = cls.from_pretrained(directory, config=cfg, dtype=dtype, output_loading_info=True,
+                                                   ignore_mismatched_sizes=True)
         except Exception as exc:
             raise CompositionError(f"{directory}: cannot load the {name} encoder ({type(exc).__name__}: {exc})") from None
         finally:
             transformers.utils.logging.set_verbosity(prev)
+        # only the LLM's tensors may be absent (shrunk to zero layers: the merged LLM replaces it)
+        refuse_incomplete(info, weights_file(directory), f"the {name} encoder/connector",
+                          ignore_missing=llm_parameter_names(self.model))
         self.model.to(device).eval()
         self.config = cfg
 

@@ -18,6 +18,32 @@ from mergekit_multimodal.errors import CompositionError
 
 VIDEO_CONTAINERS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 
+#: size budget of one media item (docs/runtime.md): larger inputs are refused, not decoded into memory
+MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels (e.g. 8000 x 8000 is refused)
+MAX_VIDEO_FRAMES = 10_000
+MAX_VIDEO_PIXELS = 2_000_000_000  # frames x height x width of one video (about 6 GB as RGB uint8)
+MAX_AUDIO_SECONDS = 60 * 60  # one hour
+
+
+def _check_image_size(width: int, height: int, where: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise CompositionError(f"{where}: image of {width} x {height} = {width * height / 1e6:.0f} megapixels is over "
+                               f"the budget of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; downscale it first")
+
+
+def _check_video_size(frames: int, height: int, width: int, where: str) -> None:
+    if frames == 0:
+        raise CompositionError(f"{where}: the video has no frames")
+    if frames > MAX_VIDEO_FRAMES or frames * height * width > MAX_VIDEO_PIXELS:
+        raise CompositionError(f"{where}: video of {frames} frames of {width} x {height} is over the budget of "
+                               f"{MAX_VIDEO_FRAMES} frames and {MAX_VIDEO_PIXELS / 1e9:.0f} gigapixels; "
+                               f"sample or downscale it first")
+
+
+def _check_finite(arr: np.ndarray, where: str) -> None:
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise CompositionError(f"{where}: {int((~np.isfinite(arr)).sum())} value(s) are NaN or inf")
+
 
 def _path(item: Any, what: str) -> str:
     path = os.fspath(item)
@@ -31,13 +57,17 @@ def load_image(item: Any):
     from PIL import Image
 
     if isinstance(item, Image.Image):
+        _check_image_size(item.width, item.height, "image")
         return item.convert("RGB")
     if isinstance(item, np.ndarray):
         return Image.fromarray(_uint8_frames(item, "image", ndim=3))
     path = _path(item, "image")
     try:
         with Image.open(path) as im:
+            _check_image_size(im.width, im.height, path)  # from the header, before decoding
             return im.convert("RGB")
+    except CompositionError:
+        raise
     except Exception as exc:  # PIL raises several types for bad files
         raise CompositionError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
@@ -47,21 +77,33 @@ def load_audio(item: Any, sampling_rate: int) -> np.ndarray:
     rate = sampling_rate
     if isinstance(item, tuple):
         item, rate = item
+    where = "audio"
     if isinstance(item, np.ndarray):
         wav = item
     else:
-        path = _path(item, "audio")
+        path = where = _path(item, "audio")
         if path.endswith(".npy"):
             wav = _load_npy(path, "audio")
         elif path.lower().endswith(".wav"):
             wav, rate = _read_wav(path)
         else:
             raise CompositionError(f"{path}: audio must be a .wav or .npy file (convert it, e.g. with ffmpeg)")
-    wav = np.asarray(wav, dtype=np.float32)
+    wav = np.asarray(wav)
+    if not (np.issubdtype(wav.dtype, np.floating) or np.issubdtype(wav.dtype, np.integer)):
+        raise CompositionError(f"{where}: audio must be numbers, got dtype {wav.dtype}")
+    _check_finite(wav, where)
+    wav = wav.astype(np.float32)
+    if wav.size == 0:
+        raise CompositionError(f"{where}: the audio is empty (0 samples)")
     if wav.ndim == 2:  # (samples, channels) or (channels, samples): average to mono
         wav = wav.mean(axis=1 if wav.shape[0] > wav.shape[1] else 0)
     if wav.ndim != 1 or wav.size == 0:
-        raise CompositionError(f"audio must be a non-empty 1-D waveform, got shape {wav.shape}")
+        raise CompositionError(f"{where}: audio must be a non-empty 1-D waveform, got shape {wav.shape}")
+    if not rate or rate <= 0:
+        raise CompositionError(f"{where}: sampling rate {rate!r} is not a positive number")
+    if wav.size / rate > MAX_AUDIO_SECONDS:
+        raise CompositionError(f"{where}: {wav.size / rate:.0f} s of audio is over the budget of "
+                               f"{MAX_AUDIO_SECONDS} s; cut it first")
     if rate != sampling_rate:
         wav = _resample(wav, rate, sampling_rate)
     return wav
@@ -72,23 +114,32 @@ def load_video(item: Any) -> np.ndarray:
     if isinstance(item, np.ndarray):
         return _uint8_frames(item, "video", ndim=4)
     if isinstance(item, (list, tuple)):  # a list of frames (arrays or PIL images)
-        return np.stack([np.asarray(load_image(f)) for f in item])
+        if not item:
+            raise CompositionError("video: the list of frames is empty")
+        return _bounded(np.stack([np.asarray(load_image(f)) for f in item]), "video")
     path = _path(item, "video")
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if not n.startswith("."))
         if not names:
             raise CompositionError(f"{path}: the frame folder is empty")
-        return np.stack([np.asarray(load_image(os.path.join(path, n))) for n in names])
+        if len(names) > MAX_VIDEO_FRAMES:
+            _check_video_size(len(names), 1, 1, path)
+        return _bounded(np.stack([np.asarray(load_image(os.path.join(path, n))) for n in names]), path)
     low = path.lower()
     if low.endswith(".npy"):
-        return _uint8_frames(_load_npy(path, "video"), f"video {path}", ndim=4)
+        return _uint8_frames(_load_npy(path, "video"), path, ndim=4)
     if low.endswith(VIDEO_CONTAINERS):
-        return _read_container(path)
+        return _bounded(_read_container(path), path)
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
+            n = getattr(im, "n_frames", 1)
+            _check_image_size(im.width, im.height, path)
+            _check_video_size(n, im.height, im.width, path)
             return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+    except CompositionError:
+        raise
     except Exception as exc:
         raise CompositionError(f"{path}: not a readable video ({type(exc).__name__}: {exc}); "
                                f"give frames as .npy (F, H, W, 3), a GIF, a folder of images or an mp4") from None
@@ -102,11 +153,24 @@ def sample_frames(frames: np.ndarray, num_frames: int | None) -> np.ndarray:
     return frames[idx]
 
 
+def _bounded(frames: np.ndarray, where: str) -> np.ndarray:
+    _check_video_size(frames.shape[0], frames.shape[1], frames.shape[2], where)
+    return frames
+
+
 def _uint8_frames(arr: np.ndarray, what: str, ndim: int) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim != ndim or arr.shape[-1] not in (1, 3):
         shape = "H x W x 3" if ndim == 3 else "F x H x W x 3"
         raise CompositionError(f"{what} array must be {shape}, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+            or arr.dtype == np.bool_):
+        raise CompositionError(f"{what}: array of dtype {arr.dtype} is not pixel values")
+    if ndim == 3:
+        _check_image_size(arr.shape[1], arr.shape[0], what)
+    else:
+        _check_video_size(arr.shape[0], arr.shape[1], arr.shape[2], what)
+    _check_finite(arr, what)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     if arr.dtype != np.uint8:

@@ -19,6 +19,7 @@ from torch import nn
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.format.manifest import Manifest
+from mergekit_multimodal.format.tensors import check_finite, header_shapes, refuse_incomplete, weights_file
 from mergekit_multimodal.methods import get_method
 from mergekit_multimodal.runtime.encoders import ModalityEncoder
 from mergekit_multimodal.runtime.routing import RouteState, install_routes
@@ -50,6 +51,24 @@ def resolve_route(route: Optional[str], manifest: Manifest, modalities) -> Optio
     return None if route == "per-token" else route
 
 
+def resolve_device(device) -> torch.device:
+    """A `--device` / `device=` value as a torch device: None or "auto" -> cuda when available, else
+    cpu; a name torch does not know, or an accelerator this machine lacks, is a CompositionError."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CompositionError(f"device {device!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type != "cpu" and callable(available) and not available():
+        raise CompositionError(f"device {device!r}: this machine has no {dev.type} device (torch sees none)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CompositionError(f"device {device!r}: this machine has {torch.cuda.device_count()} cuda device(s)")
+    return dev
+
+
 class CompositeModel(nn.Module):
     def __init__(self, path: str, llm: transformers.PreTrainedModel, encoders: Dict[str, ModalityEncoder],
                  manifest: Manifest, state: RouteState):
@@ -79,21 +98,29 @@ class CompositeModel(nn.Module):
         cfg = Manifest.read(path)
         if device is None and isinstance(device_map, (str, torch.device)):
             device = device_map
-        if device == "auto":  # one device: the composite's routes are not split across devices
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device_map is not None and not isinstance(device_map, (str, torch.device)):
             raise CompositionError("device_map must name one device (e.g. 'cuda:0' or 'auto'); "
                                    "splitting a composite across devices is not supported")
-        device = torch.device(device or "cpu")
+        # "auto": one device; the composite's routes are not split across devices
+        device = resolve_device(device) if device is not None else torch.device("cpu")
+        prev = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # its load report: refuse_incomplete says it in one line
         try:
-            llm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            llm, info = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True)
         except Exception as exc:
             raise CompositionError(f"{path}: the merged LLM does not load ({type(exc).__name__}: {exc})") from None
+        finally:
+            transformers.utils.logging.set_verbosity(prev)
+        # never run on random weights: every tensor of the config is in the files, with its shape
+        refuse_incomplete(info, weights_file(path), "the merged LLM")
         state = RouteState()
         embed_delta = None
         embed_name = _embedding_param_name(llm)
         tied = bool(llm.config.tie_word_embeddings)
         if cfg.routes:
+            # the route files must fit the merged LLM (headers only), before any is read
+            _method(cfg).check_routes(path, cfg, header_shapes(path, "model"))
             # The embedding's delta only serves whole-input routes (modality tokens have no
             # embeddings), so it is read when `route()` is entered, unless a tied head needs it.
             skip = () if tied else (embed_name,)
@@ -119,7 +146,8 @@ class CompositeModel(nn.Module):
         model.row_tokens = _row_tokens(path, cfg, encoders)
         for m, info in cfg.modalities.items():
             if info.prefix_suffix:
-                model.affixes[m] = _read_affixes(os.path.join(path, info.prefix_suffix), llm.dtype, device)
+                model.affixes[m] = _read_affixes(os.path.join(path, info.prefix_suffix), llm.dtype, device,
+                                              llm.get_input_embeddings().weight.shape[1])
         return model
 
     @property
@@ -300,11 +328,20 @@ def _embedding_param_name(llm: nn.Module) -> str:
     return next(f"{n}.weight" for n, m in llm.named_modules() if m is emb)
 
 
-def _read_affixes(file: str, dtype: torch.dtype, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _read_affixes(file: str, dtype: torch.dtype, device, hidden: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     from safetensors.torch import load_file
 
     try:
         t = load_file(file)
     except Exception as exc:
-        raise CompositionError(f"{file}: unreadable ({type(exc).__name__}: {exc})") from None
-    return tuple(t[k].to(device, dtype) if k in t else None for k in ("prefix", "suffix"))
+        raise CompositionError(f"{file}: unreadable ({type(exc).__name__}: {exc}); the composite is damaged, "
+                               f"compose it again or re-download it") from None
+    unknown = sorted(set(t) - {"prefix", "suffix"})
+    if unknown or not t:
+        raise CompositionError(f"{file}: holds {unknown or 'no tensors'}; expected 'prefix' and/or 'suffix'")
+    for k, v in t.items():
+        if v.ndim != 2 or v.shape[1] != hidden:
+            raise CompositionError(f"{file}: tensor {k!r} has shape {tuple(v.shape)}; expected [n, {hidden}] "
+                                   f"(the merged LLM's hidden size)")
+        check_finite(v, file, k)
+    return tuple(t[k].to(device, dtype or t[k].dtype) if k in t else None for k in ("prefix", "suffix"))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import click
 
-from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.errors import cli_errors
 from mergekit_multimodal.zoo import data
 from mergekit_multimodal.zoo.train import ZooSpec
 
@@ -251,12 +251,11 @@ def format_story_table(rows: Dict[str, Dict[str, Optional[float]]], cols: List[s
 @click.argument("out_dir", default="zoo-out")
 @click.option("--quick", is_flag=True, help="A smaller test split (40 questions a subset), as CI uses.")
 @click.option("--cache", default=None, help="Zoo cache (default ~/.cache/mergekit-multimodal/zoo or $MERGEKIT_MM_ZOO_CACHE).")
-def main(out_dir, quick, cache):
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
+def main(out_dir, quick, cache, debug):
     """Build the tiny zoo, compose it with every method, evaluate, print the table and save the plot."""
-    try:
+    with cli_errors(exit_code=1, debug=debug):
         run_story(out_dir, QUICK if quick else ZooSpec(), cache)
-    except CompositionError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from mergekit_multimodal.compose.writer import Entry
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.format.files import MODALITIES_DIR, PREFIX_SUFFIX_FILE, ROUTES_DIR
 from mergekit_multimodal.format.manifest import Manifest, RoutesEntry
-from mergekit_multimodal.format.tensors import open_stream
+from mergekit_multimodal.format.tensors import check_finite, header_shapes, open_stream, weights_file
 from mergekit_multimodal.methods.base import RouteFile, TensorMerger
 from mergekit_multimodal.methods.damc.kernel import lambdas_of, text_route
 from mergekit_multimodal.methods.damc.runtime import DenseDelta, LowRankDelta
@@ -145,6 +145,39 @@ def routes_of(manifest: Manifest) -> DAMCRoutes:
     return DAMCRoutes.model_validate(manifest.routes.model_dump())
 
 
+def check_routes(path: str, manifest: Manifest, llm_shapes) -> None:
+    """Every route tensor names the text route or a modality and a 2-D merged LLM tensor [out, in]
+    and has its dtype; a dense delta is [out, in]; factors come in pairs A [r, in], B [out, r]."""
+    routes = routes_of(manifest)
+    rdir = os.path.join(path, routes.dir)
+    found = header_shapes(rdir, routes.damc)
+    file = weights_file(rdir, routes.damc)
+    ranks: Dict[tuple, Dict[str, tuple]] = {}
+    for key, (shape, dt) in sorted(found.items()):
+        route, _, rest = key.partition("/")
+        tensor, _, factor = rest.partition(":")
+        if route != TEXT_ROUTE and route not in manifest.modalities:
+            raise CompositionError(f"{file}: route tensor {key!r} names no modality of the composite")
+        if tensor not in llm_shapes:
+            raise CompositionError(f"{file}: route tensor {key!r} names no tensor of the merged LLM")
+        want, want_dt = llm_shapes[tensor]
+        if dt != want_dt or factor not in ("", "A", "B") or (not factor and tuple(shape) != tuple(want)) \
+                or (factor and (len(shape) != 2 or len(want) != 2)):
+            raise CompositionError(f"{file}: route tensor {key!r} is {dt} {list(shape)}, which does not fit "
+                                   f"{tensor!r} ({want_dt} {list(want)})")
+        if factor:
+            ranks.setdefault((route, tensor), {})[factor] = tuple(shape)
+    for (route, tensor), f in ranks.items():
+        out_f, in_f = llm_shapes[tensor][0]
+        a, b = f.get("A"), f.get("B")
+        if a is None or b is None:
+            missing = damc_key(route, tensor, "A" if a is None else "B")
+            raise CompositionError(f"{file}: tensor {missing!r} is missing (its pair is there)")
+        if a[1] != in_f or b[0] != out_f or a[0] != b[1]:
+            raise CompositionError(f"{file}: factors of {route}/{tensor} are A {list(a)}, B {list(b)}; "
+                                   f"expected A [r, {in_f}], B [{out_f}, r]")
+
+
 def read_deltas(path: str, manifest: Manifest, modalities: Sequence[str], dtype: torch.dtype,
                 skip: Iterable[str] = (), only: Optional[Iterable[str]] = None):
     """LoRA factors per route (`LowRankDelta`) or dense deltas (`DenseDelta`), route ids from the manifest."""
@@ -163,7 +196,9 @@ def read_deltas(path: str, manifest: Manifest, modalities: Sequence[str], dtype:
             raise CompositionError(f"{rdir}: route tensor {key!r} names no modality of the composite")
         if route != TEXT_ROUTE and route not in modalities:
             continue
-        grouped.setdefault(tensor, {}).setdefault(route, {})[factor or "dense"] = ld.get_tensor(key).to(dtype)
+        value = ld.get_tensor(key)
+        check_finite(value, weights_file(rdir, routes.damc), key)
+        grouped.setdefault(tensor, {}).setdefault(route, {})[factor or "dense"] = value.to(dtype)
     deltas = {}
     for tensor, routes_ in grouped.items():
         try:

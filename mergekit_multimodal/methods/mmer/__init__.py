@@ -34,6 +34,9 @@ class MMER(MMERKernel):
     def route_basenames(self, manifest):
         return outputs.route_basenames(manifest)
 
+    def check_routes(self, path, manifest, llm_shapes):
+        return outputs.check_routes(path, manifest, llm_shapes)
+
     def read_deltas(self, path, manifest, modalities, dtype, skip=(), only=None):
         return outputs.read_deltas(path, manifest, modalities, dtype, skip, only)
 

@@ -18,9 +18,9 @@ import torch
 
 from mergekit_multimodal.compose.writer import Entry
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.format.files import ROUTES_DIR
+from mergekit_multimodal.format.files import COMPOSITE_CONFIG as COMPOSITE, ROUTES_DIR
 from mergekit_multimodal.format.manifest import Manifest, RoutesEntry
-from mergekit_multimodal.format.tensors import open_stream
+from mergekit_multimodal.format.tensors import check_finite, header_shapes, open_stream, weights_file
 from mergekit_multimodal.methods.base import RouteFile, TensorMerger
 from mergekit_multimodal.methods.mmer.kernel import scales_from_sums
 from mergekit_multimodal.methods.mmer.masks import pack_mask
@@ -106,23 +106,70 @@ def route_basenames(manifest: Manifest) -> List[str]:
     return [routes.task_vector, routes.masks]
 
 
+def check_routes(path: str, manifest: Manifest, llm_shapes) -> None:
+    """Every merged LLM tensor has its tau_* (same shape and dtype) and alpha scalar; every modality
+    a mask of ceil(numel / 8) uint8 bytes and a float32 scale per tensor; no tensor else."""
+    routes = routes_of(manifest)
+    rdir = os.path.join(path, routes.dir)
+    tv, masks = header_shapes(rdir, routes.task_vector), header_shapes(rdir, routes.masks)
+    tv_file, mask_file = weights_file(rdir, routes.task_vector), weights_file(rdir, routes.masks)
+
+    def need(found, file, key, shape, dtype):
+        if key not in found:
+            raise CompositionError(f"{file}: tensor {key!r} is missing (the route of {key.split(':')[0]!r})")
+        got_shape, got_dtype = found[key]
+        if tuple(got_shape) != tuple(shape) or (dtype is not None and got_dtype != dtype):
+            raise CompositionError(f"{file}: tensor {key!r} is {got_dtype} {list(got_shape)}; "
+                                   f"expected {dtype or got_dtype} {list(shape)}")
+
+    want_tv, want_masks = set(), set()
+    for name, (shape, dtype) in llm_shapes.items():
+        need(tv, tv_file, name, shape, dtype)
+        need(tv, tv_file, alpha_key(name), (), "F32")
+        want_tv |= {name, alpha_key(name)}
+        packed = ((math.prod(shape) + 7) // 8,)
+        for m in manifest.modalities:
+            need(masks, mask_file, mask_key(m, name), packed, "U8")
+            need(masks, mask_file, scale_key(m, name), (), "F32")
+            want_masks |= {mask_key(m, name), scale_key(m, name)}
+    for found, want, file in ((tv, want_tv, tv_file), (masks, want_masks, mask_file)):
+        extra = sorted(set(found) - want)
+        if extra:
+            raise CompositionError(f"{file}: unexpected tensor(s) {extra[:5]}: no such tensor or modality in "
+                                   f"the merged LLM / {COMPOSITE}")
+
+
+def _scalar(t: torch.Tensor, file: str, key: str) -> float:
+    if t.numel() != 1 or not bool(torch.isfinite(t).all()):
+        raise CompositionError(f"{file}: tensor {key!r} must be one finite number, got {t.flatten()[:4].tolist()}")
+    return t.item()
+
+
 def read_deltas(path: str, manifest: Manifest, modalities: Sequence[str], dtype: torch.dtype,
                 skip: Iterable[str] = (), only: Optional[Iterable[str]] = None) -> Dict[str, RouteDelta]:
     """One RouteDelta per routed LLM tensor: tau_* in `dtype`, masks kept packed."""
     routes = routes_of(manifest)
     rdir = os.path.join(path, routes.dir)
     tv, masks = open_stream(rdir, routes.task_vector), open_stream(rdir, routes.masks)
+    tv_file, mask_file = weights_file(rdir, routes.task_vector), weights_file(rdir, routes.masks)
     skip, only = set(skip), None if only is None else set(only)
     deltas = {}
     for name in tv.index.tensor_paths:
         if name.endswith(":alpha") or name in skip or (only is not None and name not in only):
             continue
         try:
+            tau = tv.get_tensor(name)
+            check_finite(tau, tv_file, name)
+            packed = [masks.get_tensor(mask_key(m, name)) for m in modalities]
+            want = (tau.numel() + 7) // 8
+            for m, p in zip(modalities, packed):
+                if p.dtype != torch.uint8 or p.numel() != want:
+                    raise CompositionError(f"{mask_file}: mask {mask_key(m, name)!r} is {p.dtype} with {p.numel()} "
+                                           f"byte(s); expected uint8 with ceil({tau.numel()} / 8) = {want}")
             deltas[name] = RouteDelta(
-                tv.get_tensor(name).to(dtype),
-                [masks.get_tensor(mask_key(m, name)) for m in modalities],
-                [masks.get_tensor(scale_key(m, name)).item() for m in modalities],
-                tv.get_tensor(alpha_key(name)).item(),
+                tau.to(dtype), packed,
+                [_scalar(masks.get_tensor(scale_key(m, name)), mask_file, scale_key(m, name)) for m in modalities],
+                _scalar(tv.get_tensor(alpha_key(name)), tv_file, alpha_key(name)),
             )
         except KeyError as exc:
             raise CompositionError(f"{rdir}: route data for {name!r} is incomplete (missing {exc})") from None
