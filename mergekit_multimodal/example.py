@@ -68,6 +68,26 @@ def main(out_dir: str, debug: bool):
         _story(out_dir)
 
 
+#: written into OUT_DIR, so a re-run knows the directory is an earlier example's and may replace it
+MARKER = ".mergekit-mm-example"
+
+
+def _claim(out_dir: str) -> None:
+    """OUT_DIR must be absent, empty, or an earlier run's output (which is replaced): never delete
+    a directory this command did not make."""
+    from mergekit_multimodal.errors import CompositionError
+
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise CompositionError(f"{out_dir}: exists and is not a directory; choose another output directory")
+        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MARKER)):
+            raise CompositionError(f"{out_dir}: exists and is not an earlier mergekit-mm-example output; "
+                                   "choose another (or an empty) directory")
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    open(os.path.join(out_dir, MARKER), "w").close()
+
+
 def _story(out_dir: str):
     from mergekit.options import MergeOptions
 
@@ -76,7 +96,7 @@ def _story(out_dir: str):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's per-shard bars drown the story
-    shutil.rmtree(out_dir, ignore_errors=True)
+    _claim(out_dir)
     click.echo(f"1/3 building tiny source MLLMs in {out_dir}/models ...")
     family = build_tiny_family(os.path.join(out_dir, "models"), tuple(_kinds()))
     results = {}

@@ -277,3 +277,16 @@ def test_builtin_example_runs_and_reports_mmer_closer_than_naive(tmp_path):
     for row in rows:
         assert float(row[-2]) < float(row[-1])  # mmer route distance < naive_mc distance
     assert (tmp_path / "ex" / "composite-mmer" / "composite_config.json").exists()
+
+
+def test_builtin_example_never_deletes_a_directory_it_did_not_make(tmp_path):
+    from click.testing import CliRunner
+
+    from mergekit_multimodal.example import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    r = CliRunner().invoke(main, [str(mine)])
+    assert r.exit_code == 1 and "not an earlier mergekit-mm-example output" in r.output
+    assert (mine / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]

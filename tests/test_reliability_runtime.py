@@ -1,4 +1,4 @@
-"""Adversarial inputs to loading, pushing and running (docs/reliability-runtime.md), table-driven.
+"""Adversarial inputs to loading, pushing and running (docs/reliability.md, "Loading, pushing, running"), table-driven.
 
 Each case damages a copy of a tiny composite (or a media file, or a command line) and asserts the
 promise: a CompositionError / one `error:` line naming the file, tensor or key, the documented
