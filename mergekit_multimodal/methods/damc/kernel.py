@@ -37,8 +37,11 @@ from mergekit_multimodal.methods.base import CompositeMethod, MergeOutput, Tenso
 
 def lambdas_of(params: TensorParams, n: int) -> List[float]:
     """Per-source lambda; unset ones are 1/N (the README example of the paper's code)."""
-    values = params.per_source.get("lambda") or [None] * n
-    return [1.0 / n if v is None else float(v) for v in values]
+    return _lambdas(params.per_source.get("lambda") or [None] * n)
+
+
+def _lambdas(values: Sequence[Optional[float]]) -> List[float]:
+    return [1.0 / len(values) if v is None else float(v) for v in values]
 
 
 def text_route(base: torch.Tensor, text_deltas: Sequence[Optional[torch.Tensor]], lambdas: Sequence[float]) -> torch.Tensor:
@@ -58,8 +61,7 @@ def damc(group: TensorGroup, lambda_: PerNonBase[Optional[float]] = None, densif
     plain full checkpoints, dT_i = theta_i - W0 (lambda-weighted task arithmetic)."""
     base = group.base.tensor.float()
     sources = [e.tensor.float() for e in group.non_base]
-    values = lambda_.values_for(group.non_base)
-    lambdas = [1.0 / len(sources) if v is None else float(v) for v in values]
+    lambdas = _lambdas(lambda_.values_for(group.non_base))
     return text_route(base, [s - base for s in sources], lambdas).to(group.entries[0].tensor.dtype)
 
 
