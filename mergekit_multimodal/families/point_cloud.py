@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -120,7 +121,8 @@ def load_encoder(directory: str, dtype=None):
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
         model = PointLlavaForConditionalGeneration(cfg)
-        files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+        # the model's own weights (one file or shards), not other files beside them (DAMC's prefix_suffix)
+        files = sorted(n for n in os.listdir(directory) if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", n))
         sd = {}
         for n in files:
             sd.update({k: v for k, v in load_file(os.path.join(directory, n)).items()
