@@ -3,7 +3,8 @@
 transformers' processors take decoded media (PIL images, waveforms, frame arrays), not paths; this
 module does the decoding with what is already installed: PIL for images and GIF/animated frames,
 the stdlib `wave` module for WAV, numpy for `.npy`, and PyAV (`pip install av`, optional) for
-mp4/webm/mkv/avi video and flac/mp3/ogg/opus/m4a audio. Each loader also accepts an already-decoded item and passes it through.
+mp4/webm/mkv/avi video and flac/mp3/ogg/opus/m4a audio. Each loader also accepts an already-decoded
+item and passes it through.
 """
 
 from __future__ import annotations
