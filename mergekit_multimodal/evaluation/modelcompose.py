@@ -120,7 +120,7 @@ def read_modelcompose(path: str, data: List[Any], *, check_files: bool = True, a
                   f"the checkout root {root} (the directory holding data/)" if root else None)
     if root is None:
         root = os.path.dirname(os.path.abspath(path))
-        where_root = f"{root} (no directory holding data/ above {name}; pass --media-root)"
+        where_root = f"{root} (no directory holding data/ above {name}; pass --media-root / media_root=)"
     ans_path = answers or answers_file(path)
     given = read_answers(ans_path) if ans_path else {}
     ans_name = os.path.basename(ans_path) if ans_path else None
@@ -149,7 +149,7 @@ def read_modelcompose(path: str, data: List[Any], *, check_files: bool = True, a
             raise CompositionError(
                 f"{where}: no answer: " + (f"id {qid} is not in {ans_name}" if ans_name else
                                            f"no answers file beside {name} (<prefix>answer.json, e.g. "
-                                           f"MCUB-answer.json) and conversations[-1].value is null; pass --answers"))
+                                           f"MCUB-answer.json) and conversations[-1].value is null; pass --answers / answers="))
         m = _ANSWER.match(str(raw_answer).strip())
         if not m or m.group(1) not in labels:
             src = f"{ans_name}, id {qid}" if qid in given else f"{where}: conversations[-1].value"
