@@ -3,10 +3,13 @@
 Scoring is MCUB's first-letter rule for greedy decoding restricted to the choice labels: the
 prompt is `template` filled with the question and the labelled choices; the prediction is the
 label whose token (with or without a leading space, whichever the tokenizer makes after the
-prompt) has the highest next-token logit. `generate=True` decodes greedily instead and reads the
-first label of the answer (no label: wrong).
+prompt) has the highest next-token logit. `scoring="first-label"` (`generate=True`) decodes
+greedily instead and reads the first label of the answer (no label: wrong); `scoring="first-char"`
+decodes and compares the output's first character with the answer's letter, as ModelCompose scores
+MCUB and AVQA. ModelCompose's own files (MCUB-4.json, ...) load as they are (`modelcompose`).
 
-Modules: `benchmark` (the question format of docs/evaluate.md, and its loading), `prompts` (the
+Modules: `benchmark` (the question format of docs/evaluate.md, and its loading), `modelcompose`
+(ModelCompose's MCUB / AVQA files), `prompts` (the
 template, label tokens, reading a generated answer), `scoring` (`EvalResult`), `models` (which
 composite runs), `running` (`evaluate`), `report` (table, plot, results files), `cli`
 (`mergekit-mm-eval`).
@@ -17,7 +20,9 @@ from mergekit_multimodal.evaluation.models import composite_for, is_composite, s
 from mergekit_multimodal.evaluation.prompts import (
     ANSWER_WITH,
     DEFAULT_TEMPLATE,
+    SCORINGS,
     build_prompt,
+    first_char_label,
     label_token_ids,
     parse_label,
 )
@@ -32,8 +37,9 @@ from mergekit_multimodal.evaluation.running import (
 from mergekit_multimodal.evaluation.scoring import EvalResult, SubsetScore
 
 __all__ = [
-    "ANSWER_WITH", "DEFAULT_TEMPLATE", "DTYPE_NAMES", "KNOWN_MARKERS", "LETTERS", "EvalResult", "Question",
-    "SubsetScore", "build_prompt", "composite_for", "evaluate", "evaluate_accuracy", "format_table", "is_composite",
+    "ANSWER_WITH", "DEFAULT_TEMPLATE", "DTYPE_NAMES", "KNOWN_MARKERS", "LETTERS", "SCORINGS", "EvalResult",
+    "Question", "SubsetScore", "build_prompt", "composite_for", "evaluate", "evaluate_accuracy", "first_char_label",
+    "format_table", "is_composite",
     "label_token_ids", "load_benchmark", "load_results", "next_token_logits", "parse_label", "plot_results",
     "source_modality", "transformers_output", "write_results",
 ]

@@ -7,6 +7,9 @@ benchmark file::
     {"id": "q1", "subset": "common-2", "question": "<image> <audio> What do these have in common?",
      "choices": ["a dog", "a cat", "rain", "a car"], "answer": "B",
      "media": {"image": ["img/1.png"], "audio": ["wav/1.wav"]}}
+
+ModelCompose's own files (MCUB, AVQA: a JSON list of `{"id", "conversations", "modal_inputs"}`) are
+recognised by their shape and read by `evaluation.modelcompose`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Question:
     where: str = ""  # "benchmark.jsonl:17", for messages
     labels: Optional[List[str]] = None  # this question's own choice labels (default: the evaluator's, A..Z)
     extra: Dict[str, Any] = field(default_factory=dict)  # any other fields of the line, kept as is
+    instruction: str = ""  # text shown after the choices (ModelCompose's files: the lines after the options)
 
     @property
     def modalities(self) -> List[str]:
@@ -53,8 +57,16 @@ def _benchmark_file(path: str) -> str:
     return path
 
 
-def load_benchmark(path: Union[str, os.PathLike], *, check_files: bool = True) -> List[Question]:
-    """Read and validate a benchmark; every error names the file and line (or item)."""
+def load_benchmark(path: Union[str, os.PathLike], *, check_files: bool = True,
+                   answers: Optional[Union[str, os.PathLike]] = None,
+                   media_root: Optional[Union[str, os.PathLike]] = None) -> List[Question]:
+    """Read and validate a benchmark; every error names the file and line (or item).
+
+    Our format (docs/evaluate.md), or ModelCompose's MCUB / AVQA files, told apart by their shape.
+    For the latter, `answers` is the answers file (default: `<prefix>answer.json` beside it, e.g.
+    `MCUB-answer.json`) and `media_root` the directory media paths are relative to (default: the
+    directory holding `data/`, walking up from the file); both are refused for our format.
+    """
     path = _benchmark_file(os.fspath(path))
     root = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
@@ -78,10 +90,33 @@ def load_benchmark(path: Union[str, os.PathLike], *, check_files: bool = True) -
             data = data["questions"]
         if not isinstance(data, list):
             raise CompositionError(f"{name}: expected a list of questions or {{\"questions\": [...]}}")
+        from mergekit_multimodal.evaluation import modelcompose
+
+        if modelcompose.is_modelcompose(data):
+            items = modelcompose.read_modelcompose(path, data, check_files=check_files,
+                                                   answers=answers and os.fspath(answers),
+                                                   media_root=media_root and os.fspath(media_root))
+            return _checked([_from_modelcompose(where, raw, check_files) for where, raw in items], name)
         entries = [(f"{name}: question {i + 1}", q) for i, q in enumerate(data)]
+    if answers is not None or media_root is not None:
+        raise CompositionError(f"{name}: answers / media_root apply to ModelCompose's files (MCUB, AVQA) only; "
+                               f"this benchmark is in our own format (answers and paths in each question)")
+    return _checked([_question(raw, where, root, check_files) for where, raw in entries], name)
+
+
+def _from_modelcompose(where: str, raw: Dict[str, Any], check_files: bool) -> Question:
+    """A converted ModelCompose item through our own checks (paths are absolute by now)."""
+    raw = dict(raw)
+    instruction, prompt = raw.pop("instruction"), raw.pop("prompt")
+    q = _question(raw, where, "", check_files)
+    q.instruction, q.extra["prompt"] = instruction, prompt
+    return q
+
+
+def _checked(items: List[Question], name: str) -> List[Question]:
     questions, seen = [], {}
-    for where, raw in entries:
-        q = _question(raw, where, root, check_files)
+    for q in items:
+        where = q.where
         if q.id in seen:
             raise CompositionError(f"{where}: id {q.id!r} already used at {seen[q.id]}")
         seen[q.id] = where

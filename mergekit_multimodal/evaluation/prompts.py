@@ -11,12 +11,16 @@ from mergekit_multimodal.evaluation.benchmark import _MARKER, LETTERS, Question
 
 DEFAULT_TEMPLATE = "{question}\n{choices}\nAnswer:"
 ANSWER_WITH = ("label", "choice")
+#: how a prediction is made: the labels' next-token logits, or greedy generation read by its first
+#: label (`parse_label`) or by its first character(s), as ModelCompose scores MCUB/AVQA (`first_char_label`)
+SCORINGS = ("logits", "first-label", "first-char")
 
 
 def build_prompt(q: Question, placeholders: Dict[str, str], template: str = DEFAULT_TEMPLATE,
                  labels: Sequence[str] = LETTERS, resolve: Optional[Dict[str, str]] = None) -> str:
     """The question with `<m>` markers replaced by the composite's placeholders (or, with no marker,
-    one placeholder per item put in front), then `template` with {question} and {choices} filled."""
+    one placeholder per item put in front), then `template` with {question} and {choices} filled
+    ({choices} ends with the question's `instruction`, if any)."""
     resolve = resolve or {m: m for m in q.media}
     text = q.question
     if any(n in q.media for n in _MARKER.findall(text)):
@@ -25,6 +29,8 @@ def build_prompt(q: Question, placeholders: Dict[str, str], template: str = DEFA
     elif q.media:
         text = " ".join(placeholders[resolve[m]] for m, items in q.media.items() for _ in items) + " " + text
     choices = "\n".join(f"{labels[i]}. {c}" for i, c in enumerate(q.choices))
+    if q.instruction:  # ModelCompose's files: the text after the options stays after them
+        choices += "\n" + q.instruction
     return template.replace("{question}", text).replace("{choices}", choices)
 
 
@@ -66,6 +72,18 @@ def parse_label(text: str, labels: Sequence[str]) -> Optional[int]:
     for i in sorted(range(len(labels)), key=lambda i: -len(labels[i])):
         lab = labels[i]
         if s.startswith(lab) and (len(s) == len(lab) or not s[len(lab)].isalnum()):
+            return i
+    return None
+
+
+def first_char_label(text: str, labels: Sequence[str]) -> Optional[int]:
+    """ModelCompose's reading of a generated answer (its eval_avqa.py): the stripped text begins with
+    the label (the longest such label), nothing else skipped or required after it; None if none.
+    For one-character labels (A, B, ...) this is exactly `text.strip()[:1] == letter`: "Apple" reads
+    as A, "(B)" as nothing (where `parse_label` reads B)."""
+    s = text.strip()
+    for i in sorted(range(len(labels)), key=lambda i: -len(labels[i])):
+        if s.startswith(labels[i]):
             return i
     return None
 

@@ -17,9 +17,11 @@ from mergekit_multimodal.evaluation.models import _resolve_modalities, composite
 from mergekit_multimodal.evaluation.prompts import (
     ANSWER_WITH,
     DEFAULT_TEMPLATE,
+    SCORINGS,
     _Answers,
     _label_ids,
     build_prompt,
+    first_char_label,
     parse_label,
 )
 from mergekit_multimodal.evaluation.scoring import EvalResult, _score
@@ -34,7 +36,9 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
              template: str = DEFAULT_TEMPLATE, labels: Sequence[str] = LETTERS, generate: bool = False,
              max_new_tokens: int = 8, modality: Optional[str] = None, cache_dir: Optional[str] = None,
              num_frames: Optional[int] = None, name: Optional[str] = None,
-             answer_with: str = "label") -> EvalResult:
+             answer_with: str = "label", scoring: Optional[str] = None,
+             answers: Optional[Union[str, os.PathLike]] = None,
+             media_root: Optional[Union[str, os.PathLike]] = None) -> EvalResult:
     """Accuracy of a composite (or of one source MLLM, composed alone with NaiveMC) on a benchmark.
 
     route: None (or "per-token") = per-token routing; a modality = the whole input on that modality's
@@ -43,12 +47,28 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
     Questions needing a modality the model lacks are skipped (counted in `skipped`).
     answer_with: "label" (MCUB: the model answers with the choice's label, A/B/...) or "choice" (it
     answers with the choice's own text, scored by the text's first token; e.g. the zoo's tiny models).
+    scoring: "logits" (default), "first-label" (greedy generation, its first label; `generate=True`
+    is the same) or "first-char" (greedy generation, right when the stripped output begins with the
+    answer's label: ModelCompose's MCUB/AVQA scoring, `text.strip()[:1] == letter`).
+    answers, media_root: for ModelCompose's files (`load_benchmark`).
     """
     from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, resolve_route
 
     start = time.time()
     bench_name = benchmark if isinstance(benchmark, (str, os.PathLike)) else "<questions>"
-    questions = load_benchmark(benchmark) if isinstance(benchmark, (str, os.PathLike)) else list(benchmark)
+    if scoring is None:
+        scoring = "first-label" if generate else "logits"
+    if scoring not in SCORINGS or (generate and scoring == "logits"):
+        raise CompositionError(f"scoring must be one of {', '.join(SCORINGS[1:] if generate else SCORINGS)} "
+                               f"(generate=True generates), got {scoring!r}")
+    if scoring == "first-char" and answer_with == "choice":
+        raise CompositionError("scoring='first-char' compares the output with the answer's label; "
+                               "it does not go with answer_with='choice'")
+    generate = scoring != "logits"
+    if isinstance(benchmark, (str, os.PathLike)):
+        questions = load_benchmark(benchmark, answers=answers, media_root=media_root)
+    else:
+        questions = list(benchmark)
     if subsets:
         have = {q.subset for q in questions}
         unknown = [s for s in subsets if s not in have]
@@ -82,17 +102,21 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
 
         jobs: Dict[Optional[str], List[Tuple[Question, str, Dict[str, str]]]] = {}
         skipped: Dict[str, int] = {}
+        lacking = set()
         for q in questions:
             res = _resolve_modalities(q, proc)
             if res is None:
                 skipped[q.subset] = skipped.get(q.subset, 0) + 1
+                lacking.update(m for m in q.media if m not in proc.modalities
+                               and sum(proc.kind(c) == m for c in proc.modalities) != 1)
                 continue
             r = resolve_route(route, proc.manifest, res.values())
             jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels.shown, res),
                                            res))
         if not jobs:
             raise CompositionError(f"no question of the benchmark can be asked: the model has modalities "
-                                   f"{', '.join(proc.modalities)}; skipped {sum(skipped.values())}")
+                                   f"{', '.join(proc.modalities)}; skipped {sum(skipped.values())}, which need "
+                                   f"{', '.join(sorted(lacking))}")
 
         label_cache: Dict[Tuple[str, Tuple[str, ...]], List[List[int]]] = {}
         if not generate:  # label tokens checked before the model loads
@@ -110,7 +134,8 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
                 for i in range(0, len(items), batch_size):
                     batch = items[i:i + batch_size]
                     for q, out in zip((b[0] for b in batch),
-                                      _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens)):
+                                      _run_batch(model, proc, batch, labels, label_cache, scoring,
+                                                 max_new_tokens)):
                         out.update(id=q.id, subset=q.subset, answer=labels.of(q)[q.answer], route=r,
                                    correct=out["index"] == q.answer)
                         preds[q.id] = out
@@ -128,7 +153,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
     return EvalResult(model=str(model_dir), benchmark=str(bench_name), name=label, subsets=per,
                       overall=correct / n, correct=correct, total=n,
                       macro=sum(s.accuracy for s in per.values()) / len(per), predictions=ordered,
-                      seconds=round(time.time() - start, 3), route=route, mode="generate" if generate else "logits",
+                      seconds=round(time.time() - start, 3), route=route, mode=_MODES[scoring],
                       skipped=skipped, composite=None if temporary else composite)
 
 
@@ -136,6 +161,10 @@ def evaluate_accuracy(model_dir: str, benchmark: str, *, device: str = "cpu", li
                       **options) -> float:
     """Overall accuracy in [0, 1] (correct / total); `options` as `evaluate`'s (template, route...)."""
     return evaluate(model_dir, benchmark, device=device, limit=limit, progress=False, **options).overall
+
+
+#: EvalResult.mode per scoring ("generate" as before for the first label)
+_MODES = {"logits": "logits", "first-label": "generate", "first-char": "first-char"}
 
 
 def _progress(total: int, enabled: bool):
@@ -153,7 +182,7 @@ def _inputs(proc, batch) -> Dict[str, Any]:
     return proc(texts, media=media)
 
 
-def _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens) -> List[Dict[str, Any]]:
+def _run_batch(model, proc, batch, labels, label_cache, scoring, max_new_tokens) -> List[Dict[str, Any]]:
     try:
         inputs = _inputs(proc, batch)
     except CompositionError:
@@ -161,15 +190,16 @@ def _run_batch(model, proc, batch, labels, label_cache, generate, max_new_tokens
             q = batch[0][0]
             raise CompositionError(f"{q.where} (id {q.id}): {_last_error(proc, batch)}") from None
         # e.g. videos of different frame counts cannot share a call: one question at a time
-        return [o for b in batch for o in _run_batch(model, proc, [b], labels, label_cache, generate, max_new_tokens)]
-    if generate:
+        return [o for b in batch for o in _run_batch(model, proc, [b], labels, label_cache, scoring, max_new_tokens)]
+    if scoring != "logits":
+        read = first_char_label if scoring == "first-char" else parse_label
         with torch.inference_mode():
             new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         texts = proc.batch_decode(new, skip_special_tokens=True)
         out = []
         for (q, _, _), t in zip(batch, texts):
             labs = labels.of(q)
-            idx = parse_label(t, labs)
+            idx = read(t, labs)
             out.append({"index": -1 if idx is None else idx, "predicted": None if idx is None else labs[idx],
                         "output": t})
         return out

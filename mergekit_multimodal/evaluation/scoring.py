@@ -29,7 +29,7 @@ class EvalResult:
     predictions: List[Dict[str, Any]]
     seconds: float
     route: Optional[str] = None
-    mode: str = "logits"  # or "generate"
+    mode: str = "logits"  # or "generate" (first label of the output), "first-char" (ModelCompose's reading)
     skipped: Dict[str, int] = field(default_factory=dict)  # subset -> questions the model has no modality for
     composite: Optional[str] = None  # the composite actually run (a cache dir for a single source)
 

@@ -3,7 +3,8 @@
 transformers' processors take decoded media (PIL images, waveforms, frame arrays), not paths; this
 module does the decoding with what is already installed: PIL for images and GIF/animated frames,
 the stdlib `wave` module for WAV, numpy for `.npy`, and PyAV (`pip install av`, optional) for
-mp4/webm/mkv/avi. Each loader also accepts an already-decoded item and passes it through.
+mp4/webm/mkv/avi video and flac/mp3/ogg/opus/m4a audio. Each loader also accepts an already-decoded
+item and passes it through.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 from mergekit_multimodal.errors import CompositionError
 
 VIDEO_CONTAINERS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+#: audio files read with PyAV (optional): ModelCompose's MCUB and WavCaps audio is .flac
+AUDIO_CONTAINERS = (".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
 
 #: size budget of one media item (docs/runtime.md): larger inputs are refused, not decoded into memory
 MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels (e.g. 8000 x 8000 is refused)
@@ -73,7 +76,8 @@ def load_image(item: Any):
 
 
 def load_audio(item: Any, sampling_rate: int) -> np.ndarray:
-    """A mono float32 waveform at `sampling_rate` from a WAV/.npy path, an array, or (array, rate)."""
+    """A mono float32 waveform at `sampling_rate` from a WAV/.npy path (flac, mp3, ogg... with PyAV),
+    an array, or (array, rate)."""
     rate = sampling_rate
     if isinstance(item, tuple):
         item, rate = item
@@ -86,8 +90,11 @@ def load_audio(item: Any, sampling_rate: int) -> np.ndarray:
             wav = _load_npy(path, "audio")
         elif path.lower().endswith(".wav"):
             wav, rate = _read_wav(path)
+        elif path.lower().endswith(AUDIO_CONTAINERS):
+            wav, rate = _read_audio_container(path)
         else:
-            raise CompositionError(f"{path}: audio must be a .wav or .npy file (convert it, e.g. with ffmpeg)")
+            raise CompositionError(f"{path}: audio must be a .wav or .npy file, or {'/'.join(AUDIO_CONTAINERS)} "
+                                   f"with PyAV (convert it, e.g. with ffmpeg)")
     wav = np.asarray(wav)
     if not (np.issubdtype(wav.dtype, np.floating) or np.issubdtype(wav.dtype, np.integer)):
         raise CompositionError(f"{where}: audio must be numbers, got dtype {wav.dtype}")
@@ -205,6 +212,32 @@ def _resample(wav: np.ndarray, src: int, dst: int) -> np.ndarray:
     """Linear-interpolation resampling: adequate for speech/tones; resample offline for best quality."""
     n = max(1, int(round(len(wav) * dst / src)))
     return np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
+
+
+def _read_audio_container(path: str) -> Tuple[np.ndarray, int]:
+    """(samples, channels) float32 in [-1, 1] at the file's own rate, decoded with PyAV (lossless for flac)."""
+    try:
+        import av
+    except ImportError:
+        raise CompositionError(f"{path}: reading {os.path.splitext(path)[1]} audio needs PyAV (pip install av), "
+                               f"or convert it to .wav (e.g. ffmpeg -i in.flac out.wav)") from None
+    try:
+        with av.open(path) as container:
+            stream = container.streams.audio[0]
+            rate = stream.rate or stream.codec_context.sample_rate
+            if stream.duration and stream.time_base and float(stream.duration * stream.time_base) > MAX_AUDIO_SECONDS:
+                raise CompositionError(f"{path}: {float(stream.duration * stream.time_base):.0f} s of audio is over "
+                                       f"the budget of {MAX_AUDIO_SECONDS} s; cut it first")  # before decoding
+            to_float = av.AudioResampler(format="fltp")  # planar float, same layout and rate
+            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
+            chunks += [f.to_ndarray() for f in to_float.resample(None)]
+    except CompositionError:
+        raise
+    except Exception as exc:
+        raise CompositionError(f"{path}: not a readable audio file ({type(exc).__name__}: {exc})") from None
+    if not chunks:
+        raise CompositionError(f"{path}: the audio is empty (0 samples)")
+    return np.concatenate(chunks, axis=1).T, int(rate)
 
 
 def _read_container(path: str) -> np.ndarray:
