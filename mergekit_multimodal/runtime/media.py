@@ -214,13 +214,19 @@ def _resample(wav: np.ndarray, src: int, dst: int) -> np.ndarray:
     return np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
 
 
-def _read_audio_container(path: str) -> Tuple[np.ndarray, int]:
-    """(samples, channels) float32 in [-1, 1] at the file's own rate, decoded with PyAV (lossless for flac)."""
+def _pyav(path: str, what: str, instead: str):
+    """PyAV (the optional `av` package), or an error naming the file and what to do instead."""
     try:
         import av
     except ImportError:
-        raise CompositionError(f"{path}: reading {os.path.splitext(path)[1]} audio needs PyAV (pip install av), "
-                               f"or convert it to .wav (e.g. ffmpeg -i in.flac out.wav)") from None
+        raise CompositionError(f"{path}: reading {os.path.splitext(path)[1]} {what}needs PyAV (pip install av), "
+                               f"or {instead}") from None
+    return av
+
+
+def _read_audio_container(path: str) -> Tuple[np.ndarray, int]:
+    """(samples, channels) float32 in [-1, 1] at the file's own rate, decoded with PyAV (lossless for flac)."""
+    av = _pyav(path, "audio ", "convert it to .wav (e.g. ffmpeg -i in.flac out.wav)")
     try:
         with av.open(path) as container:
             stream = container.streams.audio[0]
@@ -241,11 +247,7 @@ def _read_audio_container(path: str) -> Tuple[np.ndarray, int]:
 
 
 def _read_container(path: str) -> np.ndarray:
-    try:
-        import av
-    except ImportError:
-        raise CompositionError(f"{path}: reading {os.path.splitext(path)[1]} needs PyAV (pip install av), "
-                               f"or give frames as .npy / GIF / a folder of images") from None
+    av = _pyav(path, "", "give frames as .npy / GIF / a folder of images")
     try:
         with av.open(path) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
