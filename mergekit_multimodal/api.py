@@ -21,7 +21,7 @@ def compose(config: Union[CompositeMergeConfig, dict], out_path: str, options: O
     """Build a composite at `out_path` (complete, or not there at all) and return its path.
 
     >>> compose({"merge_method": "mmer", "base_model": "base",
-    ...          "models": [{"model": "llava", "modality": "image"}]}, "out")  # doctest: +SKIP
+    ...          "models": [{"model": "image-mllm", "modality": "image"}]}, "out")  # doctest: +SKIP
     """
     if isinstance(config, dict):
         config = load_config(config)

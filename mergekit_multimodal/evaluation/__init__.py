@@ -15,7 +15,7 @@ composite runs), `running` (`evaluate`), `report` (table, plot, results files), 
 (`mergekit-mm-eval`).
 """
 
-from mergekit_multimodal.evaluation.benchmark import KNOWN_MARKERS, LETTERS, Question, load_benchmark
+from mergekit_multimodal.evaluation.benchmark import LETTERS, Question, load_benchmark
 from mergekit_multimodal.evaluation.models import composite_for, is_composite, source_modality
 from mergekit_multimodal.evaluation.prompts import (
     ANSWER_WITH,
@@ -37,7 +37,7 @@ from mergekit_multimodal.evaluation.running import (
 from mergekit_multimodal.evaluation.scoring import EvalResult, SubsetScore
 
 __all__ = [
-    "ANSWER_WITH", "DEFAULT_TEMPLATE", "DTYPE_NAMES", "KNOWN_MARKERS", "LETTERS", "SCORINGS", "EvalResult",
+    "ANSWER_WITH", "DEFAULT_TEMPLATE", "DTYPE_NAMES", "LETTERS", "SCORINGS", "EvalResult",
     "Question", "SubsetScore", "build_prompt", "composite_for", "evaluate", "evaluate_accuracy", "first_char_label",
     "format_table", "is_composite",
     "label_token_ids", "load_benchmark", "load_results", "next_token_logits", "parse_label", "plot_results",

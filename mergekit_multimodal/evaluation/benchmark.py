@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from mergekit_multimodal.errors import CompositionError
 
 LETTERS: Tuple[str, ...] = tuple(string.ascii_uppercase)
-KNOWN_MARKERS = ("image", "video", "audio", "point_cloud")
 _MARKER = re.compile(r"<([A-Za-z_][\w-]*)>")
 
 
@@ -184,7 +183,9 @@ def _question(raw: Any, where: str, root: str, check_files: bool) -> Question:
             paths.append(full)
         if paths:
             media[m] = paths
-    markers = [n for n in _MARKER.findall(text) if n in media or n in KNOWN_MARKERS]
+    from mergekit_multimodal.families import kinds
+
+    markers = [n for n in _MARKER.findall(text) if n in media or n in kinds()]
     if markers:
         for m in sorted(set(markers) | set(media)):
             found, given = markers.count(m), len(media.get(m, []))

@@ -12,7 +12,7 @@ with the answers in a sibling file (`MCUB-answer.json`, `avqa-test_mm_answer.jso
 the letter in `conversations[-1].value`) and media paths relative to the checkout's root (its
 scripts run from there). Here: the options are parsed from the question's lines (`A. ...`,
 `A) ...`, `(A) ...`), the text after them is kept (`Question.instruction`), `vision` -> `image` and
-`point` -> `point_cloud` (the `<point>` marker with it), paths are resolved against the directory
+`point` -> point clouds (the `<point>` marker with it), paths are resolved against the directory
 holding `data/` (walking up from the benchmark file), and each item becomes our own format's
 fields and goes through the same checks (`benchmark._question`).
 """
@@ -26,9 +26,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit_multimodal.errors import CompositionError
 
-#: ModelCompose's `modal_inputs` keys -> our modality kinds (and the marker each key's items take)
-MODAL_KEYS = {"vision": "image", "image": "image", "audio": "audio", "video": "video", "point": "point_cloud",
-              "point_cloud": "point_cloud"}
+
+
+def _modal_keys() -> dict:
+    """ModelCompose's `modal_inputs` keys -> our kinds (and the marker each key's items take): its
+    `vision` is images; the rest are our kinds' markers (`point` -> point clouds: families.marker_kinds)."""
+    from mergekit_multimodal.families import marker_kinds
+
+    return {"vision": "image", **marker_kinds()}
+
+_MARKER_NAME = re.compile(r"<([A-Za-z_]\w*)>")
 _OPTION = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.)])\s*(.*?)\s*$")
 _ANSWER = re.compile(r"^\(?([A-Z])(?:$|[.):\s])")
 
@@ -124,6 +131,7 @@ def read_modelcompose(path: str, data: List[Any], *, check_files: bool = True, a
     ans_path = answers or answers_file(path)
     given = read_answers(ans_path) if ans_path else {}
     ans_name = os.path.basename(ans_path) if ans_path else None
+    modal_keys = _modal_keys()
     out = []
     for i, item in enumerate(data):
         where = f"{name}: item {i + 1}"
@@ -160,9 +168,9 @@ def read_modelcompose(path: str, data: List[Any], *, check_files: bool = True, a
             raise CompositionError(f"{where}: 'modal_inputs' must be an object {{key: [paths]}}")
         media: Dict[str, List[str]] = {}
         for key, items in modal.items():
-            if key not in MODAL_KEYS:
+            if key not in modal_keys:
                 raise CompositionError(f"{where}: modal_inputs key {key!r} is not one of "
-                                       f"{', '.join(sorted(MODAL_KEYS))}")
+                                       f"{', '.join(sorted(modal_keys))}")
             items = [items] if isinstance(items, str) else items
             if not isinstance(items, list) or not all(isinstance(p, str) and p for p in items):
                 raise CompositionError(f"{where}: modal_inputs.{key} must be a path or a list of paths")
@@ -171,8 +179,8 @@ def read_modelcompose(path: str, data: List[Any], *, check_files: bool = True, a
                 if check_files and not os.path.exists(full):
                     raise CompositionError(f"{where}: modal_inputs.{key} file not found: {p} "
                                            f"(relative paths are resolved against {where_root})")
-                media.setdefault(MODAL_KEYS[key], []).append(full)
-        stem = re.sub(r"<point>", "<point_cloud>", stem)
+                media.setdefault(modal_keys[key], []).append(full)
+        stem = _MARKER_NAME.sub(lambda m: f"<{modal_keys.get(m.group(1), m.group(1))}>", stem)  # <point> -> its kind
         out.append((where, {"id": qid, "question": stem, "choices": options, "answer": m.group(1),
                             "media": media, "instruction": instruction, "prompt": text}))
     return out

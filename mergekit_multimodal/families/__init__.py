@@ -66,6 +66,17 @@ def kind_of(family: str, modality: Optional[str] = None) -> Optional[str]:
     return fam.for_modality(modality).kind if fam else None
 
 
+def kinds() -> Tuple[str, ...]:
+    """Every kind of media some family takes (image, video, audio, point_cloud ...)."""
+    return tuple(dict.fromkeys(f.kind for f in FAMILIES if f.kind))
+
+
+def marker_kinds() -> Dict[str, str]:
+    """Generic prompt marker name -> the kind it stands for: each kind's own name, and the other
+    names families declare for it (`Family.markers`)."""
+    return {**{k: k for k in kinds()}, **{m: f.kind for f in FAMILIES if f.kind for m in f.markers}}
+
+
 def tiny_sources() -> Dict[str, Tuple[Family, TinySource]]:
     """Every family's tiny stand-ins by name, in seed order (tests and the example build them)."""
     items = [(name, (fam, t)) for fam in FAMILIES for name, t in fam.tiny.items()]
@@ -92,5 +103,5 @@ def layout_for(config: dict, where: str, override=None) -> SplitLayout:
     )
 
 
-__all__ = ["FAMILIES", "Family", "Encoder", "TinySource", "SplitLayout", "get_family", "kind_of", "tiny_sources",
+__all__ = ["FAMILIES", "Family", "Encoder", "TinySource", "SplitLayout", "get_family", "kind_of", "kinds", "marker_kinds", "tiny_sources",
            "layout_for", "LLM", "ENCODER", "CONNECTOR", "OTHER"]

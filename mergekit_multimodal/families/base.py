@@ -93,6 +93,8 @@ class Family:
     text_only: bool = False
     #: the kind of media its modality takes: image, video, audio, point_cloud
     kind: Optional[str] = None
+    #: other names prompts and benchmarks use for its kind, as markers (`<point>` for point clouds)
+    markers: Tuple[str, ...] = ()
     #: the Hub pipeline tag of a composite whose sources are all of this kind
     pipeline_tag: str = "any-to-any"
     encoder: Optional[Encoder] = None

@@ -209,6 +209,7 @@ FAMILY = Family(
     encoder_prefixes=("point_encoder.",),
     connector_prefixes=("multi_modal_projector.",),
     kind="point_cloud",
+    markers=("point",),  # ModelCompose's MCUB writes <point>
     pipeline_tag="any-to-any",
     encoder=Encoder(features, ("point_clouds",), load=load_encoder),
     preprocessor=PointCloudPreprocessor,

@@ -16,13 +16,10 @@ import torch
 import transformers
 
 from mergekit_multimodal.errors import CompositionError
-from mergekit_multimodal.families import get_family, kind_of
+from mergekit_multimodal.families import get_family, kind_of, marker_kinds
 from mergekit_multimodal.format.manifest import Manifest
 
 
-#: generic media markers and the kind each stands for
-_MARKER_KINDS = {"image": "image", "video": "video", "audio": "audio", "point": "point_cloud",
-                 "point_cloud": "point_cloud"}
 _MARKER = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 
 
@@ -94,8 +91,8 @@ class CompositeProcessor:
 
     def expand_markers(self, text: str) -> str:
         """Generic markers -> the composite's placeholders, so one prompt works whatever the sources
-        call theirs: `<image>`, `<video>`, `<audio>`, `<point>` / `<point_cloud>` stand for the one
-        modality of that kind (two of a kind: name it, `<image_med>`), and `<NAME>` for modality
+        call theirs: a kind's marker (`<image>`, `<video>`, `<audio>`, and the other names families
+        declare: families.marker_kinds) stands for the one modality of that kind (two of a kind: name it, `<image_med>`), and `<NAME>` for modality
         NAME. A marker that is some modality's own placeholder token (e.g. LLaVA's `<image>`) is that
         token; each source's own token keeps working (docs/runtime.md)."""
         own = set(self.placeholders.values())
@@ -106,7 +103,7 @@ class CompositeProcessor:
                 return marker
             if name in self.modalities:
                 return self.placeholders[name]
-            kind = _MARKER_KINDS.get(name)
+            kind = marker_kinds().get(name)
             if kind is None:
                 return marker  # not a media marker: ordinary text
             return self.placeholders[self.modality_of_kind(kind)]
