@@ -96,18 +96,19 @@ def _check_composite(root: Path, cfg_path: Path) -> None:
     _check_model_dir(llm_dir, "the merged LLM")
     for name, info in manifest.modalities.items():
         _check_model_dir(root / info.path, f"modality {name!r} (named in {COMPOSITE_CONFIG})")
+    method = get_method(manifest.merge_method)
+    route_streams = method.route_basenames(manifest) if manifest.routes else []
     if manifest.routes:
         rdir = root / manifest.routes.dir
         kind = manifest.routes.kind
         if not rdir.is_dir():
             raise CompositionError(f"{rdir}: {kind.upper()} routes named in {COMPOSITE_CONFIG} are missing")
-        for basename in get_method(manifest.merge_method).route_basenames(manifest):
+        for basename in route_streams:
             _check_weights(rdir, basename, f"the {kind.upper()} routes ({basename})")
     llm_shapes = _check_llm_tensors(llm_dir)
     if manifest.routes:
-        method = get_method(manifest.merge_method)
         method.check_routes(str(root), manifest, llm_shapes)
-        for basename in method.route_basenames(manifest):
+        for basename in route_streams:
             _check_finite(root / manifest.routes.dir, basename)
     _check_finite(llm_dir, "model")
     for name, info in manifest.modalities.items():

@@ -152,10 +152,11 @@ def read_deltas(path: str, manifest: Manifest, modalities: Sequence[str], dtype:
     rdir = os.path.join(path, routes.dir)
     tv, masks = open_stream(rdir, routes.task_vector), open_stream(rdir, routes.masks)
     tv_file, mask_file = weights_file(rdir, routes.task_vector), weights_file(rdir, routes.masks)
-    skip, only = set(skip), None if only is None else set(only)
+    skip = set(skip)
+    names = tv.index.tensor_paths if only is None else [n for n in only if n in tv.index.tensor_paths]
     deltas = {}
-    for name in tv.index.tensor_paths:
-        if name.endswith(":alpha") or name in skip or (only is not None and name not in only):
+    for name in names:  # with `only`, just those (iter_route asks one tensor at a time)
+        if name.endswith(":alpha") or name in skip:
             continue
         try:
             tau = tv.get_tensor(name)
