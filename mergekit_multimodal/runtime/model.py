@@ -141,8 +141,6 @@ class CompositeModel(nn.Module):
         state.keep = frozenset(model.route_of[m] for m in resident_routes)
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
         model._embed_name = embed_name
-        if cfg.routes:
-            llm.get_input_embeddings().register_forward_hook(model._route_embedding_rows)
         model.row_tokens = _row_tokens(path, cfg, encoders)
         for m, info in cfg.modalities.items():
             if info.prefix_suffix:
@@ -176,9 +174,14 @@ class CompositeModel(nn.Module):
             found = _method(self.manifest).read_deltas(self.path, self.manifest, self.modalities, self.dtype,
                                                        only=(self._embed_name,))
             self.embed_delta = found[self._embed_name].to(self.device) if found else None
+        # every embedding lookup inside (the prompt and each generated token) takes the route's rows
+        hook = self.llm.get_input_embeddings().register_forward_hook(self._route_embedding_rows) \
+            if self.state.whole and old is None else None
         try:
             yield self
         finally:
+            if hook is not None:
+                hook.remove()
             self.state.whole, self.embed_delta = old, old_embed
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -256,8 +259,8 @@ class CompositeModel(nn.Module):
         return self.llm.get_input_embeddings()(ids)
 
     def _route_embedding_rows(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the LLM's input embedding: under `route(m)`, every lookup (the prompt's
-        text and each token `generate` feeds back) takes route m's rows, as the source model would."""
+        """Forward hook on the LLM's input embedding, installed by `route(m)` only: every lookup (the
+        prompt's text and each token `generate` feeds back) takes route m's rows, as the source would."""
         if self.state.whole and self.embed_delta is not None:
             return output + self.embed_delta.rows(self.state.whole, args[0]).to(output.dtype)
         return output
