@@ -39,7 +39,17 @@ def load_tokenizer(path: str):
     if not present:
         LOG.info("no tokenizer files at %s", path)
         return None
-    for name in present:  # name the damaged file: transformers' own error rarely does
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        _name_damaged_file(path, present)  # transformers' own error rarely names the file
+        raise CompositionError(f"{path}: its tokenizer files ({', '.join(present)}) do not load "
+                               f"({type(exc).__name__}: {exc})") from None
+
+
+def _name_damaged_file(path: str, present) -> None:
+    """After a failed load: the first tokenizer file that does not parse, as an error naming it."""
+    for name in present:
         f = os.path.join(path, name)
         try:
             if name == "tokenizer.json":
@@ -54,11 +64,6 @@ def load_tokenizer(path: str):
                     fh.read(1)
         except Exception as exc:
             raise CompositionError(f"{f}: unreadable tokenizer file ({type(exc).__name__}: {exc})") from None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise CompositionError(f"{path}: its tokenizer files ({', '.join(present)}) do not load "
-                               f"({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
