@@ -51,6 +51,7 @@ def execute_plan(plan: CompositePlan, out_path: str, config_source: Optional[str
         tmp = output.partial_path(out_path)
         try:
             _write_composite(plan, tmp, config_source)
+            output.check_signals()
             output.land(tmp, out_path, before)
         except OSError as exc:  # a full disk, a read-only directory, a file that vanished
             shutil.rmtree(tmp, ignore_errors=True)
@@ -90,6 +91,7 @@ def _write_composite(plan: CompositePlan, out: str, config_source: Optional[str]
                                                   rf.basename)
     try:
         for job in tqdm.tqdm(plan.jobs, desc=f"Composing ({plan.method.name})", unit="tensor", disable=opts.quiet):
+            output.check_signals()
             _merge_tensor(plan, job, writers)
             for ckpt in [plan.base] + plan.sources:
                 ckpt.loader.flush()  # drop the shard's memory map: its pages would otherwise count in RSS
@@ -175,6 +177,7 @@ def _write_modality(plan: CompositePlan, i: int, out: str) -> None:
     writer = PlannedShardWriter(out, [Entry(n, src.shapes[n][0], src.shapes[n][1]) for n in names],
                                 plan.options.out_shard_size)
     for name in names:
+        output.check_signals()
         writer.write(name, override[name].to(src.shapes[name][1]) if name in override else src.get(name, llm=False))
     src.loader.flush()
     writer.close()

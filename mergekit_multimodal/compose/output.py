@@ -12,7 +12,8 @@ that, this module keeps the promises of docs/reliability.md ("Composing"):
   base, a source or an adapters directory;
 * partial directories (and `.old` leftovers) of killed runs into OUT are removed, under the lock, by
   the next run; an `.old` whose OUT is gone (a run killed mid-swap) is put back as OUT;
-* SIGTERM unwinds like Ctrl-C (SystemExit(143)), so the partial directory and the lock are removed.
+* SIGTERM unwinds like Ctrl-C (SystemExit(143) at the writer's next safe point, between two tensors),
+  so the partial directory and the lock are removed.
 """
 
 from __future__ import annotations
@@ -147,22 +148,37 @@ class OutputLock:
         os.close(self.fd)
 
 
+#: signals received while writing, acted on at the next safe point (`check_signals`)
+_PENDING: list = []
+
+
 @contextlib.contextmanager
 def sigterm_unwinds():
-    """While writing, SIGTERM raises SystemExit(143) so cleanup runs as for Ctrl-C; the previous handler
-    is restored after (signal handlers can only be set from the main thread: elsewhere a no-op)."""
+    """While writing, SIGTERM makes the writer stop at its next safe point (between two tensors) with
+    SystemExit(143), so cleanup runs as for Ctrl-C; the previous handler is restored after. The
+    handler only records the signal: an exception raised at an arbitrary bytecode (inside a tensor
+    read) can be swallowed or turned into another error by C code on the way. Signal handlers can
+    only be set from the main thread: elsewhere this is a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def _unwind(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _unwind)
+    _PENDING.clear()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _PENDING.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        late, _PENDING[:] = list(_PENDING), []
+        if late:  # arrived after the last safe point (the composite is in place): deliver it as it came
+            signal.raise_signal(late[0])
+
+
+def check_signals() -> None:
+    """A safe point of the writer: a SIGTERM received since `sigterm_unwinds` began ends the run here."""
+    if _PENDING:
+        signum = _PENDING[0]
+        _PENDING.clear()  # acted on here
+        raise SystemExit(128 + signum)
 
 
 def _libc_renameat2():
