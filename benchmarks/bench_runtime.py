@@ -17,7 +17,8 @@ Inputs come from bench_merge.py's generator (random Llama base + 4 perturbed sou
 271M-parameter model); the composite is composed once with `mmer` defaults and cached under --work.
 
     python benchmarks/bench_runtime.py --size tiny --repeats 1           # smoke check
-    python benchmarks/bench_runtime.py --size ref --device cuda --dtype bfloat16
+    python benchmarks/bench_runtime.py --size ref --device cuda --dtype bfloat16 --route-cache 0 auto
+    python benchmarks/bench_runtime.py --size ref --route-cache 0 all     # CPU: lean and every route kept
 """
 
 from __future__ import annotations
@@ -101,8 +102,12 @@ def main() -> None:
     ap.add_argument("--span", type=int, default=256, help="tokens per modality span (4 spans; LLaVA-1.5 images are 576)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--resident-routes", action="store_true",
-                    help="the speed option: keep the 4 routes' dense weights resident (+4x memory)")
+    ap.add_argument("--route-cache", nargs="+", default=["0"], metavar="SIZE",
+                    help="composite settings to measure, each against the same plain model: 0 (lean, the CPU "
+                         "default), all (every route's weights resident, +1x the routed weights per route), "
+                         "auto (the CUDA default), or a size such as 2GiB")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="also profile one prefill of the first composite setting and write torch.profiler's top ops to FILE")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     if args.prompt < N_SOURCES * (args.span + 1):
@@ -119,9 +124,9 @@ def main() -> None:
     plain = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     import json
 
-    routes = list(json.loads((path / "composite_config.json").read_text())["modalities"])
-    comp = CompositeModel.from_pretrained(str(path), torch_dtype=dtype, device=args.device, modalities=[],
-                                          resident_routes=routes if args.resident_routes else ())
+    comps = {f"composite, cache {c}": CompositeModel.from_pretrained(str(path), torch_dtype=dtype, device=args.device,
+                                                                      modalities=[], route_cache=c)
+             for c in args.route_cache}
 
     g = torch.Generator().manual_seed(0)
     hidden = plain.config.hidden_size
@@ -133,41 +138,57 @@ def main() -> None:
         route_ids[0, start:start + args.span] = r + 1
     route_ids = route_ids.to(args.device)
 
-    runs = {"plain": [], "composite": []}
-    run(plain, None, embeds, route_ids, 2, args.device)  # warm-up both
-    run(comp.llm, comp.state, embeds, route_ids, 2, args.device)
+    runs = {"plain": [], **{k: [] for k in comps}}
+    run(plain, None, embeds, route_ids, 2, args.device)  # warm-up all (and fill the route caches)
+    for comp in comps.values():
+        run(comp.llm, comp.state, embeds, route_ids, 2, args.device)
     for _ in range(args.repeats):
         runs["plain"].append(run(plain, None, embeds, route_ids, args.new_tokens, args.device))
-        runs["composite"].append(run(comp.llm, comp.state, embeds, route_ids, args.new_tokens, args.device))
+        for k, comp in comps.items():
+            runs[k].append(run(comp.llm, comp.state, embeds, route_ids, args.new_tokens, args.device))
         gc.collect()
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        comp = next(iter(comps.values()))
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            run(comp.llm, comp.state, embeds, route_ids, 0, args.device)
+        key = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+        Path(args.profile).write_text(f"one prefill of {next(iter(comps))}, sorted by {key}\n"
+                                      + prof.key_averages().table(sort_by=key, row_limit=25)
+                                      + "\n\nsorted by cpu_time_total\n"
+                                      + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
 
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill", "decode")} for k, v in runs.items()}
     tps = {k: {"prefill": args.prompt / v["prefill"], "decode": args.new_tokens / v["decode"]} for k, v in med.items()}
-    kept = sum(t.numel() * t.element_size() for m in comp.llm.modules() for wb in getattr(m, "_kept", {}).values()
-               for t in wb if t is not None)
-    mem = {"plain": resident_bytes(plain), "composite": resident_bytes(comp) + kept}
+    mem = {"plain": resident_bytes(plain),
+           **{k: resident_bytes(c) + c.state.cache.resident_bytes() for k, c in comps.items()}}
     print(describe())
     print(f"model: {args.size} ({n_params / 1e6:.0f}M params), {dtype}, device {args.device}, "
           f"threads {torch.get_num_threads()}; prompt {args.prompt} tokens ({N_SOURCES} spans of {args.span}), "
-          f"{args.new_tokens} decode steps, median of {args.repeats}"
-          + (", resident routes" if args.resident_routes else ""))
-    print(f"{'':12}{'prefill tok/s':>15}{'decode tok/s':>15}{'resident MiB':>15}")
-    for k in ("plain", "composite"):
-        print(f"{k:12}{tps[k]['prefill']:>15.1f}{tps[k]['decode']:>15.2f}{mem[k] / 2**20:>15.1f}")
-    rows = [("prefill", tps["composite"]["prefill"] / tps["plain"]["prefill"], ">=", 0.67),
-            ("decode", tps["composite"]["decode"] / tps["plain"]["decode"], ">=", 0.95),
-            ("memory (resident)", mem["composite"] / mem["plain"], "<=", 2.2)]
-    if args.device.startswith("cuda"):
-        peak = {k: statistics.median(r["peak"] for r in v) for k, v in runs.items()}
-        rows.append(("peak CUDA memory (prefill) / plain weights", peak["composite"] / mem["plain"], "<=", 2.2))
-    per_round = [p["prefill"] / c["prefill"] for p, c in zip(runs["plain"], runs["composite"])]
-    print("prefill ratio per round (paired, same inputs back to back): "
-          + ", ".join(f"{r:.3f}x" for r in per_round))
-    print("\ncomposite / plain:")
-    for label, ratio, op, goal in rows:
-        ok = ratio >= goal if op == ">=" else ratio <= goal
-        print(f"  {label:44} {ratio:6.3f}x  (goal {op} {goal}x: {'met' if ok else 'MISSED'})")
-
+          f"{args.new_tokens} decode steps, median of {args.repeats}")
+    width = max(map(len, runs)) + 2
+    print(f"{'':{width}}{'prefill tok/s':>15}{'decode tok/s':>15}{'resident MiB':>15}")
+    for k in runs:
+        print(f"{k:{width}}{tps[k]['prefill']:>15.1f}{tps[k]['decode']:>15.2f}{mem[k] / 2**20:>15.1f}")
+    for k in comps:
+        rows = [("prefill", tps[k]["prefill"] / tps["plain"]["prefill"], ">=", 0.67),
+                ("decode", tps[k]["decode"] / tps["plain"]["decode"], ">=", 0.95),
+                ("memory (resident)", mem[k] / mem["plain"], "<=", 2.2)]
+        if args.device.startswith("cuda"):
+            peak = {j: statistics.median(r["peak"] for r in runs[j]) for j in ("plain", k)}
+            rows.append(("peak CUDA memory (prefill) / plain weights", peak[k] / mem["plain"], "<=", 2.2))
+        per_round = [p["prefill"] / c["prefill"] for p, c in zip(runs["plain"], runs[k])]
+        print(f"\n{k} / plain; prefill ratio per round (paired, same inputs back to back): "
+              + ", ".join(f"{r:.3f}x" for r in per_round))
+        for label, ratio, op, goal in rows:
+            ok = ratio >= goal if op == ">=" else ratio <= goal
+            print(f"  {label:44} {ratio:6.3f}x  (goal {op} {goal}x: {'met' if ok else 'MISSED'})")
+        if args.route_cache != ["0"]:
+            print(f"  routes kept: {len(comps[k].state.cache.keep)} of {N_SOURCES} "
+                  f"(budget {comps[k].state.cache.budget / 2**20:.0f} MiB, one route {comps[k].state.cache.route_bytes / 2**20:.0f} MiB)")
 
 if __name__ == "__main__":
     main()

@@ -1,58 +1,132 @@
-"""Compose the same tiny-family sources on CPU and with `--cuda`, compare the outputs, print both times.
+"""Everything the project checks on a CUDA machine, in one command, within about 5 minutes.
 
-Usage: python benchmarks/device_check.py [--hidden 256 --layers 8]
-The merge arithmetic runs on `MergeOptions.device`; reading and writing stay on CPU. The two
-composites must agree (elementwise max/sign/compare ops; sums may differ in the last bit).
+    python benchmarks/device_check.py [--out DIR] [--skip tests,bench,compose]
+
+1. tests: the loader's equivalence tests (composite vs the source classes' own logits, the route
+   cache, generation on a route) run on CUDA in float32 and in bfloat16 (tests/helpers.py:
+   MERGEKIT_MM_TEST_DEVICE / MERGEKIT_MM_TEST_DTYPE; in bfloat16 a composite must be no further
+   from the source's float32 logits than twice the source class itself in bfloat16).
+2. bench: benchmarks/bench_runtime.py --size ref in bfloat16, lean (route cache 0) and with the
+   CUDA default cache (auto), each against plain transformers in the same process; plus a
+   profile of one composite prefill (top CUDA ops) in DIR/profile.txt.
+3. compose: the same tiny-family MMER composite composed on CPU and with the merge arithmetic on
+   CUDA (`MergeOptions.device`), compared file by file, byte for byte.
+
+Prints one summary at the end; the full logs go to DIR (default: a temporary directory).
+Needs the packages of `pip install -e '.[test]'`; never run in CI (CI has no GPU).
 """
 
 import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from mergekit.options import MergeOptions
-from safetensors import safe_open
 
-from mergekit_multimodal import compose
-from mergekit_multimodal.testing import build_tiny_family
-
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENCE = ("tests/test_runtime.py", "tests/test_processor.py")
+SELECT = {"float32": "reproduce or source or cache or greedy", "bfloat16": "reproduce or source or cache"}
 MODALITY = {"llava": "image", "video_llava": "video", "qwen2_audio": "audio"}
 
 
-def tensors(d: Path) -> dict:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
+def run(cmd, log: Path, env=None, timeout=240) -> tuple:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                           timeout=timeout)
+        out, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, rc = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {timeout}s", 124
+    log.write_text(out)
+    return rc, out, time.perf_counter() - t0
+
+
+def tests(out: Path) -> list:
+    rows = []
+    for dtype, select in SELECT.items():
+        rc, text, secs = run([sys.executable, "-m", "pytest", *EQUIVALENCE, "-q", "-p", "no:cacheprovider", "-k", select],
+                             out / f"tests-{dtype}.txt", {"MERGEKIT_MM_TEST_DEVICE": "cuda", "MERGEKIT_MM_TEST_DTYPE": dtype})
+        last = next((l for l in reversed(text.strip().splitlines()) if " in " in l and ("passed" in l or "failed" in l)),
+                    text.strip().splitlines()[-1] if text.strip() else "no output")
+        rows.append((f"equivalence tests, cuda {dtype}", "ok" if rc == 0 else f"FAILED (rc {rc})", f"{last.strip('= ')} [{secs:.0f} s]"))
+    return rows
+
+
+def bench(out: Path) -> list:
+    cmd = [sys.executable, "benchmarks/bench_runtime.py", "--size", "ref", "--device", "cuda", "--dtype", "bfloat16",
+           "--repeats", "5", "--route-cache", "0", "auto", "--work", str(out / "bench-work"), "--profile", str(out / "profile.txt")]
+    rc, text, secs = run(cmd, out / "bench-runtime.txt", timeout=300)
+    if rc != 0:
+        return [("runtime bench (ref, bf16)", f"FAILED (rc {rc})", text.strip().splitlines()[-1] if text.strip() else "")]
+    rows, setting = [], None
+    for line in text.splitlines():
+        m = re.match(r"(composite, cache \S+) / plain", line)
+        if m:
+            setting = m.group(1)
+        m = re.match(r"\s+(prefill|decode|memory \(resident\)|peak CUDA memory \(prefill\) / plain weights)\s+([0-9.]+x)", line)
+        if m and setting:
+            rows.append((f"{setting}: {m.group(1)}", m.group(2), line.split("(goal", 1)[1].rstrip(")") if "(goal" in line else ""))
+    return rows or [("runtime bench (ref, bf16)", "no ratios found", str(out / "bench-runtime.txt"))]
+
+
+def digests(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def compose_check(out: Path) -> list:
+    from mergekit.options import MergeOptions
+
+    from mergekit_multimodal import compose
+    from mergekit_multimodal.testing import build_tiny_family
+
+    fam = build_tiny_family(out / "fam", tuple(MODALITY), hidden_size=256, num_layers=8)
+    cfg = {"merge_method": "mmer", "base_model": str(fam.base),
+           "models": [{"model": str(fam.sources[k]), "modality": m} for k, m in MODALITY.items()]}
+    times = {}
+    for dev in ("cpu", "cuda"):
+        t0 = time.perf_counter()
+        compose(cfg, str(out / f"composite-{dev}"), MergeOptions(device=dev, quiet=True), overwrite=True)
+        times[dev] = time.perf_counter() - t0
+    a, b = digests(out / "composite-cpu"), digests(out / "composite-cuda")
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    (out / "compose.txt").write_text("\n".join(f"{k} cpu {a.get(k)} cuda {b.get(k)}" for k in sorted(set(a) | set(b))))
+    status = "byte-identical" if not differ else f"DIFFER: {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}"
+    return [("compose cpu vs --cuda (mmer, 3 sources)", status,
+             f"{len(a)} files; cpu {times['cpu']:.2f} s, cuda {times['cuda']:.2f} s")]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="where the logs go (default: a temporary directory)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tests, bench, compose")
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        fam = build_tiny_family(root / "fam", tuple(MODALITY), hidden_size=args.hidden, num_layers=args.layers)
-        cfg = {"merge_method": "mmer", "base_model": str(fam.base),
-               "models": [{"model": str(fam.sources[k]), "modality": m} for k, m in MODALITY.items()]}
-        times = {}
-        for dev in ("cpu", device):
-            t0 = time.perf_counter()
-            compose(cfg, str(root / dev), MergeOptions(device=dev, quiet=True), overwrite=True)
-            times[dev] = time.perf_counter() - t0
-        a, b = tensors(root / "cpu"), tensors(root / device)
-        a.update({"routes/" + k: v for k, v in tensors(root / "cpu" / "routes").items()})
-        b.update({"routes/" + k: v for k, v in tensors(root / device / "routes").items()})
-        assert set(a) == set(b)
-        worst = max((x.float() - y.float()).abs().max().item() for x, y in zip(a.values(), (b[k] for k in a)))
-        same = sum(torch.equal(a[k], b[k]) for k in a)
-        print(f"device={device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'})")
-        print(f"tensors: {len(a)}, bit-identical: {same}, max abs diff: {worst:.3g}")
-        print(f"compose time: cpu {times['cpu']:.2f}s, {device} {times[device]:.2f}s")
+    if not torch.cuda.is_available():
+        sys.exit("device_check: torch sees no CUDA device; this script is for a GPU machine (CI never runs it)")
+    out = Path(args.out or tempfile.mkdtemp(prefix="device-check-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    t0 = time.perf_counter()
+    rows = []
+    for name, part in (("compose", compose_check), ("tests", tests), ("bench", bench)):
+        if name in skip:
+            continue
+        try:
+            rows += part(out)
+        except Exception as exc:  # one broken part must not hide the others' numbers
+            rows.append((name, "FAILED", f"{type(exc).__name__}: {exc}"))
+        print(f"[{time.perf_counter() - t0:.0f} s] {name} done", flush=True)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n== device check: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"{time.perf_counter() - t0:.0f} s; logs in {out} ==")
+    for label, value, note in rows:
+        print(f"{label:{width}}  {value:>16}  {note}")
+    (out / "summary.txt").write_text("\n".join(f"{l}\t{v}\t{n}" for l, v, n in rows) + "\n")
+    sys.exit(1 if any("FAIL" in v or "DIFFER" in v for _, v, _ in rows) else 0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import click
 import torch
@@ -26,7 +26,8 @@ def _media_option(values: Sequence[str]) -> List[Tuple[str, str]]:
 
 def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *, kinds: Sequence[Tuple[str, str]] = (),
            device: Optional[str] = None, dtype: Optional[str] = None, max_new_tokens: int = 64,
-           route: Optional[str] = "auto", num_frames: Optional[int] = None) -> str:
+           route: Optional[str] = "auto", num_frames: Optional[int] = None,
+           route_cache: Union[None, int, str] = "auto") -> str:
     """Load the composite, build the inputs, generate greedily, decode the new tokens.
 
     `media` pairs are (modality, path); `kinds` pairs are (image|video|audio, path), resolved to
@@ -36,6 +37,7 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
     modality's route when the composite is MMER (exactly that source; the zoo measured 99.7%
     own-task retention this way against 96.0% per token, docs/zoo.md), anything else per token;
     None or "per-token": per-token routing; a modality name: the whole input on that route.
+    `route_cache`: CompositeModel.from_pretrained's (a generated token reuses its route's weights).
     """
     from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor, resolve_route
     from mergekit_multimodal.runtime.model import resolve_device
@@ -56,7 +58,7 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
     if items and not any(proc.placeholders[m] in prompt for m in proc.modalities):
         prompt = " ".join(proc.placeholders[m] for m, _ in items if m in proc.placeholders) + " " + prompt
     inputs = proc(prompt, media=by_modality)  # checks files and placeholders before the model loads
-    model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device)
+    model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device, route_cache=route_cache)
     with model.route(resolve_route(route, model.manifest, by_modality)):
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return proc.decode(new[0], skip_special_tokens=True).strip()
@@ -79,8 +81,12 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
               help="A modality: the whole input on its route (MMER: that source's own parameters). auto: so "
                    "when every item is of one modality, else per-token. per-token: each token on its own route.")
 @click.option("--num-frames", default=None, type=click.IntRange(1), help="Sample each video to this many frames.")
+@click.option("--route-cache", default="auto", show_default=True, metavar="auto|all|0|SIZE",
+              help="Memory for built route weights kept between forwards (e.g. 8GiB). auto: on CUDA what fits "
+                   "with headroom, on CPU none (each route's weights are rebuilt per forward).")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
-def main(composite, prompt, images, videos, audios, media, device, dtype, max_new_tokens, route, num_frames, debug):
+def main(composite, prompt, images, videos, audios, media, device, dtype, max_new_tokens, route, num_frames,
+         route_cache, debug):
     """Answer PROMPT about the given media with the composite at COMPOSITE.
 
     \b
@@ -90,7 +96,7 @@ def main(composite, prompt, images, videos, audios, media, device, dtype, max_ne
     kinds = [("image", p) for p in images] + [("video", p) for p in videos] + [("audio", p) for p in audios]
     with cli_errors(exit_code=1, debug=debug):
         text = answer(composite, prompt, _media_option(media), kinds=kinds, device=device, dtype=dtype,
-                      max_new_tokens=max_new_tokens, route=route, num_frames=num_frames)
+                      max_new_tokens=max_new_tokens, route=route, num_frames=num_frames, route_cache=route_cache)
     click.echo(text)
 
 

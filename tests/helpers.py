@@ -2,6 +2,7 @@
 them, and independent readers of what a merge wrote (fixtures are in conftest.py)."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +15,30 @@ KINDS = EXAMPLE_KINDS
 #: tiny stand-in -> the modality name tests give it, and a placeholder where its own is taken
 MODALITY = {k: t.modality for k, (_, t) in tiny_sources().items()}
 PLACEHOLDER_OVERRIDE = {k: t.placeholder for k, (_, t) in tiny_sources().items() if t.placeholder}
+
+
+#: where the loader's equivalence tests run the composite: CPU float32 here and in CI;
+#: benchmarks/device_check.py runs them again with cuda and float32 / bfloat16
+DEVICE = torch.device(os.environ.get("MERGEKIT_MM_TEST_DEVICE", "cpu"))
+DTYPE = getattr(torch, os.environ.get("MERGEKIT_MM_TEST_DTYPE", "float32"))
+if DEVICE.type == "cuda":  # no TF32 in fp32 checks (cuDNN convolutions use it by default)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def assert_like_source(got: torch.Tensor, source, vocab: int) -> None:
+    """`got` (the composite's logits, run on DEVICE in DTYPE) against the source class: `source(device,
+    dtype)` gives its logits there. In float32: within 1e-4 of the source's own logits. In a lower
+    precision: no further from the source's float32 logits than twice the source class itself run
+    in that precision on DEVICE (plus 1e-3), so the bound is the precision's own noise, not a guess."""
+    want = source(torch.device("cpu"), torch.float32)[..., :vocab]
+    got = got.float().cpu()[..., :vocab]
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if DTYPE == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        return
+    own = source(DEVICE, DTYPE).float().cpu()[..., :vocab]
+    err, own_err = (got - want).abs().max().item(), (own - want).abs().max().item()
+    assert err <= 2 * own_err + 1e-3, f"{DTYPE} on {DEVICE}: composite off by {err:.4g}, the source class by {own_err:.4g}"
 
 
 def composite_config(fam, method="mmer", kinds=None, parameters=None, **extra):

@@ -18,7 +18,7 @@ from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.families import tiny_sources
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import SOURCE_KINDS, build_tiny_family
-from tests.helpers import KINDS, MODALITY, composite_config
+from tests.helpers import DEVICE, DTYPE, KINDS, MODALITY, assert_like_source, composite_config
 
 V0 = 96
 #: every family's tiny stand-in: the kind of media it takes, and its own placeholder token (the
@@ -75,7 +75,7 @@ def test_files_through_the_processor_reproduce_the_source(kind, request, tmp_pat
     out = compose(composite_config(fam, "mmer", [kind]), str(tmp_path / "c"))
     modality = MODALITY[kind]
     proc = CompositeProcessor.from_pretrained(out)
-    model = CompositeModel.from_pretrained(out)
+    model = CompositeModel.from_pretrained(out, device=DEVICE, torch_dtype=DTYPE)
     file, decoded = write_media(KIND[kind], tmp_path)
     ph = proc.placeholders[modality]
     inputs = proc(f"w1 w2 {ph} w3 w4", media={modality: [str(file)]})
@@ -83,7 +83,7 @@ def test_files_through_the_processor_reproduce_the_source(kind, request, tmp_pat
         got = model(**inputs).logits
 
     src = fam.sources[kind]
-    source = getattr(transformers, transformers.AutoConfig.from_pretrained(src).architectures[0]).from_pretrained(src).eval()
+    source_cls = getattr(transformers, transformers.AutoConfig.from_pretrained(src).architectures[0])
     media = source_inputs(src, KIND[kind], decoded)
     n_features = model.encoders[modality].features(inputs["media"][modality])[0].shape[0]
     expanded = [PLACEHOLDER[kind]] * n_features
@@ -97,10 +97,14 @@ def test_files_through_the_processor_reproduce_the_source(kind, request, tmp_pat
         expanded[-1] = "[IMG_END]"
     tok = transformers.AutoTokenizer.from_pretrained(src)
     ids = tok("w1 w2 " + " ".join(expanded) + " w3 w4", return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = source(input_ids=ids, **media).logits
-    assert got.shape[1] == want.shape[1]
-    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+    def source(device, dtype):
+        m = source_cls.from_pretrained(src, dtype=dtype).to(device).eval()
+        here = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in media.items()}
+        with torch.no_grad():
+            return m(input_ids=ids.to(device), **here).logits
+
+    assert_like_source(got, source, V0)
 
 
 @pytest.fixture(scope="module")

@@ -266,6 +266,8 @@ def _write_bench(d: Path) -> Path:
 
 CLI_FAULTS = {
     "run --device banana": (run_main, lambda c, d: [c, "--device", "banana", "w1"], "device 'banana': not a device"),
+    "run --route-cache lots": (run_main, lambda c, d: [c, "--device", "cpu", "--route-cache", "lots", "w1"],
+                               "route cache 'lots': expected auto, all, a number of bytes or a size such as 8GiB"),
     "run empty prompt": (run_main, lambda c, d: [c, "--device", "cpu", "  "], "the prompt is empty"),
     "run non-UTF-8 prompt": (run_main, lambda c, d: [c, "--device", "cpu", "w1 \udcff"], "not valid UTF-8"),
     "eval --device banana": (eval_main, lambda c, d: [c, str(_write_bench(d)), "--device", "banana", "--quiet"],
@@ -287,7 +289,7 @@ def test_cli_faults_are_one_line_exit_1(composite, tmp_path, fault):
     assert r.exit_code == 1, r.output
     assert r.stderr.strip().startswith("error: ") and r.stderr.strip().count("\n") == 0, r.stderr
     assert message in r.stderr and "Traceback" not in r.output
-    if "out" in fault:
+    if "--out" in fault:
         assert (tmp_path / "f").read_text() == "x"  # the file is left as it was
 
 

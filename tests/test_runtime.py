@@ -1,5 +1,7 @@
 """The companion loader against the source models' own transformers classes on the same inputs."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,8 @@ import transformers
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.runtime import CompositeModel
 from mergekit_multimodal.methods.mmer import RouteDelta, pack_mask
-from mergekit_multimodal.runtime.routing import RouteState, RoutedLinear
-from tests.helpers import MODALITY, composite_config
+from mergekit_multimodal.runtime.routing import RouteState, RoutedLinear, RoutedModule, cache_budget
+from tests.helpers import DEVICE, DTYPE, MODALITY, assert_like_source, composite_config
 
 V0 = 96
 MEDIA_TOKENS = {"llava": 4, "qwen2_audio": 8, "video_llava": 2 * 5}  # features per item for the inputs below
@@ -26,15 +28,17 @@ def media_for(kind, seed=0):
     raise KeyError(kind)
 
 
-def source_logits(family, kind, text="w1 w2 {ph} w3 w4"):
+def source_logits(family, kind, text="w1 w2 {ph} w3 w4", device="cpu", dtype=torch.float32):
     """The source MLLM's own forward, with its placeholder expanded as its processor would."""
     path = family.sources[kind]
-    model = getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0]).from_pretrained(path).eval()
+    cls = getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0])
+    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     ph = {"llava": "<image>", "qwen2_audio": "<|AUDIO|>", "video_llava": "<video>"}[kind]
     ids = tok(text.format(ph=" ".join([ph] * MEDIA_TOKENS[kind])), return_tensors="pt").input_ids
+    media = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in media_for(kind).items()}
     with torch.no_grad():
-        return model(input_ids=ids, **media_for(kind)).logits
+        return model(input_ids=ids.to(device), **media).logits
 
 
 def composite_logits(model, path, kind, modality, text="w1 w2 {ph} w3 w4"):
@@ -48,11 +52,9 @@ def composite_logits(model, path, kind, modality, text="w1 w2 {ph} w3 w4"):
 @pytest.mark.parametrize("kind", ["llava", "qwen2_audio", "video_llava"])
 def test_single_source_mmer_composite_reproduces_the_source(family, tmp_path, kind):
     out = compose(composite_config(family, "mmer", [kind]), str(tmp_path / "c"))
-    model = CompositeModel.from_pretrained(out)
+    model = CompositeModel.from_pretrained(out, device=DEVICE, torch_dtype=DTYPE)
     got = composite_logits(model, out, kind, MODALITY[kind])
-    want = source_logits(family, kind)
-    assert got.shape[1] == want.shape[1]
-    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+    assert_like_source(got, lambda device, dtype: source_logits(family, kind, device=device, dtype=dtype), V0)
 
 
 def test_naive_mc_of_identical_sources_reproduces_the_source(family, tmp_path):
@@ -150,10 +152,10 @@ def test_blocked_route_weights_equal_the_numpy_formula(monkeypatch, in_features)
             bias = b + (scales[r - 1] * masks_b[r - 1].numpy() - alpha) * tau_b.numpy()
         np.testing.assert_allclose(y[0, t], w @ x[0, t].numpy() + bias, rtol=1e-5, atol=1e-5)
     assert calls == [[1, 2]]  # both routes in one pass over the blocks
-    state.keep = frozenset({2})  # route 2 resident (speed option): built whole, route 1 still blockwise
+    state.cache.keep = frozenset({2})  # route 2 resident (route cache): built whole, route 1 still blockwise
     np.testing.assert_allclose(routed(x).detach().numpy(), y, rtol=1e-5, atol=1e-5)
     assert calls[-1] == [1]
-    state.keep, state.whole = frozenset(), 1  # one route for the whole input: the single-route blocked path
+    state.cache.keep, state.whole = frozenset(), 1  # one route for the whole input: the single-route blocked path
     y = routed(x).detach().numpy()
     w = W + (scales[0] * masks[0].numpy() - alpha) * tau.numpy()
     bias = b + (scales[0] * masks_b[0].numpy() - alpha) * tau_b.numpy()
@@ -164,15 +166,18 @@ def test_blocked_route_weights_equal_the_numpy_formula(monkeypatch, in_features)
 def test_whole_input_route_equals_the_source_model_for_its_modality(family, tmp_path):
     """MMER retention: with route('image') a text-only prompt runs on theta_base + m * tau_*."""
     out = compose(composite_config(family, "mmer", ["llava"]), str(tmp_path / "c"))
-    model = CompositeModel.from_pretrained(out, modalities=[])
+    model = CompositeModel.from_pretrained(out, modalities=[], device=DEVICE, torch_dtype=DTYPE)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = tok("w5 w6 w7", return_tensors="pt").input_ids
-    src = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"]).eval()
     with torch.no_grad(), model.route("image"):
         got = model(ids).logits
-    with torch.no_grad():
-        want = src(input_ids=ids).logits
-    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+    def source(device, dtype):
+        src = transformers.LlavaForConditionalGeneration.from_pretrained(family.sources["llava"], dtype=dtype)
+        with torch.no_grad():
+            return src.to(device).eval()(input_ids=ids.to(device)).logits
+
+    assert_like_source(got, source, V0)
 
 
 def test_generate_with_media(family, tmp_path):
@@ -212,10 +217,10 @@ def test_route_delta_rows_equal_the_full_delta_rows(hidden):
         torch.testing.assert_close(d.rows(route, ids), d.delta(route)[ids])
 
 
-def test_resident_routes_give_the_same_logits(family, tmp_path):
+def test_route_cache_gives_the_same_logits(family, tmp_path):
     out = compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path / "c"))
-    lean = CompositeModel.from_pretrained(out)
-    fast = CompositeModel.from_pretrained(out, resident_routes=["image", "audio"])
+    lean = CompositeModel.from_pretrained(out, device=DEVICE, torch_dtype=DTYPE, route_cache=0)  # CPU default
+    fast = CompositeModel.from_pretrained(out, device=DEVICE, torch_dtype=DTYPE, route_cache="all")
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = tok("w1 <image> w2 <|AUDIO|> w3", return_tensors="pt").input_ids
     media = {"image": media_for("llava"), "audio": media_for("qwen2_audio")}
@@ -224,23 +229,67 @@ def test_resident_routes_give_the_same_logits(family, tmp_path):
         first, again = fast(ids, media=media).logits, fast(ids, media=media).logits  # built, then reused
     torch.testing.assert_close(first, want)
     torch.testing.assert_close(again, want)
-    assert sum(len(getattr(m, "_kept", {})) for m in fast.llm.modules()) > 0
-    assert sum(len(getattr(m, "_kept", {})) for m in lean.llm.modules()) == 0
-    with pytest.raises(CompositionError, match="no such route"):
-        CompositeModel.from_pretrained(out, resident_routes=["smell"])
+    linears = [m for m in fast.llm.modules() if isinstance(m, RoutedLinear)]
+    others = [m for m in fast.llm.modules() if isinstance(m, RoutedModule)]  # norms: their routed parameters
+    # both routes kept, in every routed layer, each a copy of the merged layer's routed parameters
+    assert sorted(fast.state.cache.weights) == [1, 2]
+    assert all(len(fast.state.cache.weights[r]) == len(linears) + len(others) for r in (1, 2))
+    one = sum(p.numel() * p.element_size() for m in linears for p in m.linear.parameters()) + sum(
+        m.module.get_parameter(name).numel() * m.module.get_parameter(name).element_size()
+        for m in others for name in m.names.values())
+    assert fast.state.cache.resident_bytes() == 2 * one
+    assert lean.state.cache.weights == {}
+    with pytest.raises(CompositionError, match="route cache '8 parsecs': expected auto, all"):
+        CompositeModel.from_pretrained(out, route_cache="8 parsecs")
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2_audio"])
-def test_greedy_generation_stays_on_its_route(family, tmp_path, kind):
+def test_route_cache_keeps_the_most_used_routes_that_fit(family, tmp_path):
+    out = compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path / "c"))
+    probe = CompositeModel.from_pretrained(out)
+    one_route = probe.state.cache.route_bytes
+    model = CompositeModel.from_pretrained(out, route_cache=one_route + 1)  # room for one route
+    image, audio = model.route_of["image"], model.route_of["audio"]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("w1 <image> w2 <|AUDIO|> w3", return_tensors="pt").input_ids
+    media = {"image": media_for("llava"), "audio": media_for("qwen2_audio")}
+    with torch.no_grad():
+        both = model(ids, media=media).logits
+        torch.testing.assert_close(both, probe(ids, media=media).logits)
+    n_img = int((model.prepare_inputs(ids, media=media)[2] == image).sum())
+    n_aud = int((model.prepare_inputs(ids, media=media)[2] == audio).sum())
+    assert n_img != n_aud
+    most, least = (image, audio) if n_img > n_aud else (audio, image)
+    assert model.state.cache.keep == {most} and sorted(model.state.cache.weights) == [most]
+    # the other route alone, often enough to overtake: it takes the place, the first is dropped
+    alone = "w1 <image> w2" if least == image else "w1 <|AUDIO|> w2"
+    only = {"image": media["image"]} if least == image else {"audio": media["audio"]}
+    ids2 = tok(alone, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(abs(n_img - n_aud) // min(n_img, n_aud) + 2):
+            model(ids2, media=only)
+    assert model.state.cache.keep == {least} and sorted(model.state.cache.weights) == [least]
+
+
+@pytest.mark.parametrize("spec, device, want", [
+    ("8GiB", "cpu", 8 * 2**30), ("500MB", "cpu", 5e8), (1234, "cpu", 1234), ("all", "cpu", math.inf),
+    ("0", "cpu", 0), (None, "cpu", 0), ("auto", "cpu", 0)])
+def test_cache_budget_sizes(spec, device, want):
+    assert cache_budget(spec, torch.device(device)) == want
+
+
+@pytest.mark.parametrize("kind, route_cache", [("llava", None), ("qwen2_audio", None), ("llava", "all")])
+def test_greedy_generation_stays_on_its_route(family, tmp_path, kind, route_cache):
     """Under route(m) every generated token runs on route m too (its embedding rows included): greedy
-    decoding equals, step by step, the source class whose LLM weights are route m's (iter_route)."""
+    decoding equals, step by step, the source class whose LLM weights are route m's (iter_route);
+    with the route cache, the decode steps reuse the weights the prefill built."""
     from mergekit_multimodal.methods.routes import iter_route
 
     out = compose(composite_config(family, "mmer", ["llava", "qwen2_audio"]), str(tmp_path / "c"))
-    model = CompositeModel.from_pretrained(out, modalities=[])
+    # float32 on DEVICE: greedy tokens are compared exactly, which a lower precision cannot promise
+    model = CompositeModel.from_pretrained(out, modalities=[], route_cache=route_cache, device=DEVICE)
     path = family.sources[kind]
     src_cls = getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0])
-    src = src_cls.from_pretrained(path).eval()
+    src = src_cls.from_pretrained(path).to(DEVICE).eval()
     with torch.no_grad():  # the source class with route m's LLM weights (on the shared vocabulary rows)
         for name, w in iter_route(out, MODALITY[kind]):
             p = src.get_output_embeddings().weight if name == "lm_head.weight" else \
@@ -252,7 +301,8 @@ def test_greedy_generation_stays_on_its_route(family, tmp_path, kind):
     greedy = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with model.route(MODALITY[kind]):
         got = model.generate(ids, suppress_tokens=list(range(V0, model.llm.config.vocab_size)), **greedy)
-    want = src.generate(input_ids=ids, suppress_tokens=list(range(V0, src.config.text_config.vocab_size)), **greedy)
-    assert torch.equal(got.sequences[0, -5:], want.sequences[0, -5:])
+    want = src.generate(input_ids=ids.to(DEVICE), suppress_tokens=list(range(V0, src.config.text_config.vocab_size)), **greedy)
+    assert torch.equal(got.sequences[0, -5:].cpu(), want.sequences[0, -5:].cpu())
     for step, (g, w) in enumerate(zip(got.scores, want.scores)):
-        torch.testing.assert_close(g[..., :V0], w[..., :V0], rtol=1e-4, atol=1e-4, msg=f"step {step}")
+        torch.testing.assert_close(g[..., :V0].cpu(), w[..., :V0].cpu(), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    assert sorted(model.state.cache.weights) == ([] if route_cache is None else [model.route_of[MODALITY[kind]]])

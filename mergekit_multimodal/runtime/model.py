@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import transformers
@@ -22,7 +22,7 @@ from mergekit_multimodal.format.manifest import Manifest
 from mergekit_multimodal.format.tensors import check_finite, header_shapes, refuse_incomplete, weights_file
 from mergekit_multimodal.methods import get_method
 from mergekit_multimodal.runtime.encoders import ModalityEncoder
-from mergekit_multimodal.runtime.routing import RouteState, install_routes
+from mergekit_multimodal.runtime.routing import RouteState, cache_budget, install_routes
 
 Media = Mapping[str, Mapping[str, torch.Tensor]]  # modality -> processor outputs for its items
 
@@ -88,14 +88,20 @@ class CompositeModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, device=None,
                         device_map=None, modalities: Optional[Sequence[str]] = None,
-                        resident_routes: Sequence[str] = ()) -> "CompositeModel":
+                        route_cache: Union[None, int, float, str] = None) -> "CompositeModel":
         """Load a composite; `device` (or a single-device `device_map`) places LLM and encoders.
 
-        `modalities` limits which encoders are loaded (all by default). `resident_routes` trades
-        memory for prefill speed: those modalities' dense linear weights are kept once built
-        (+1x the routed weights each) instead of being rebuilt per forward.
+        `modalities` limits which encoders are loaded (all by default). `route_cache` trades memory
+        for speed: built route weights stay resident, most-used routes first, up to that many bytes
+        (+1x the routed linear weights per route kept) instead of being rebuilt per forward. None or
+        "auto": on CUDA what fits with headroom (`routing.cache_budget`), elsewhere nothing; "all":
+        every route; or a size ("8GiB", bytes as an int).
         """
         cfg = Manifest.read(path)
+        try:
+            cache_budget(route_cache, torch.device("cpu"))  # a bad size fails before anything loads
+        except ValueError as exc:
+            raise CompositionError(str(exc)) from None
         if device is None and isinstance(device_map, (str, torch.device)):
             device = device_map
         if device_map is not None and not isinstance(device_map, (str, torch.device)):
@@ -135,10 +141,7 @@ class CompositeModel(nn.Module):
             info = cfg.modalities[m]
             encoders[m] = ModalityEncoder(m, info.family, os.path.join(path, info.path), llm.dtype, device)
         model = cls(path, llm, encoders, cfg, state)
-        unknown = [m for m in resident_routes if m not in model.route_of]
-        if unknown:
-            raise CompositionError(f"resident_routes {unknown}: no such route; routes: {', '.join(model.route_of) or 'none'}")
-        state.keep = frozenset(model.route_of[m] for m in resident_routes)
+        state.cache.budget = cache_budget(route_cache, device)  # "auto" reads the free memory now
         model.embed_delta = embed_delta.to(device) if embed_delta is not None else None
         model._embed_name = embed_name
         model.row_tokens = _row_tokens(path, cfg, encoders)

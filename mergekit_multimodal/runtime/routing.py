@@ -16,12 +16,74 @@ DAMC training's decoupled LoRA layers).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class RouteCache:
+    """Built route weights kept resident, most-used routes first, up to `budget` bytes.
+
+    A route is kept whole or not at all: its dense weights in every routed layer cost `route_bytes`
+    (the merged LLM's routed parameters: the head counts although prefill rarely builds it). After each forward's route map is known, the routes
+    are ranked by the tokens they have run so far and kept greedily while they fit; a route that
+    falls out is dropped from every layer at once. Budget 0 keeps nothing (the lean default on
+    CPU: each route's weight is built for its tokens and dropped); `math.inf` keeps every route.
+    """
+
+    budget: float = 0
+    route_bytes: int = 0  # one route's dense routed weights (filled by install_routes)
+    used: Dict[int, int] = field(default_factory=dict)  # route -> tokens run on it so far
+    keep: frozenset = frozenset()  # routes whose weights are kept once built
+    #: route -> {id(layer): (weight, bias) of a linear, or {name: tensor} of another routed module}
+    weights: Dict[int, Dict[int, object]] = field(default_factory=dict)
+
+    def use(self, counts: Dict[int, int]) -> None:
+        """Count a forward's tokens per route, then re-rank and drop routes that no longer fit."""
+        for r, n in counts.items():
+            if r and n:
+                self.used[r] = self.used.get(r, 0) + n
+        keep, spent = [], 0
+        for r in sorted(self.used, key=lambda r: (-self.used[r], r)):
+            if self.budget > 0 and spent + self.route_bytes <= self.budget:
+                keep.append(r)
+                spent += self.route_bytes
+        self.keep = frozenset(keep)
+        for r in [r for r in self.weights if r not in self.keep]:
+            del self.weights[r]
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for per_layer in self.weights.values() for kept in per_layer.values()
+                   for t in (kept.values() if isinstance(kept, dict) else kept) if t is not None)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def cache_budget(spec: Union[None, int, float, str], device) -> float:
+    """Bytes for the route cache from a user's spec: None or "auto" (CUDA: the device's free memory
+    after loading less a headroom of max(4 GiB, 20% of the device) for activations; elsewhere 0),
+    "all" (every route), 0 / "0" (none), an int, or a size such as "8GiB" / "500MB"."""
+    if spec is None or spec == "auto":
+        if getattr(device, "type", str(device)) != "cuda":
+            return 0
+        free, total = torch.cuda.mem_get_info(device)
+        return max(0, free - max(4 * 2**30, total // 5))
+    if spec == "all":
+        return math.inf
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool) and spec >= 0:
+        return spec
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", spec) if isinstance(spec, str) else None
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"route cache {spec!r}: expected auto, all, a number of bytes or a size such as 8GiB")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 @dataclass
@@ -35,7 +97,7 @@ class RouteState:
     #: route -> its tokens as (start, end) runs of flat positions, when there are few runs (a prompt's
     #: text and media spans): rows are then read as views and written by slice, not gathered/scattered
     spans: Dict[int, List[tuple]] = field(default_factory=dict)
-    keep: frozenset = frozenset()  # routes whose dense weights stay resident once built (speed option)
+    cache: RouteCache = field(default_factory=RouteCache)  # built route weights kept resident
 
     def set_tokens(self, route_ids: Optional[torch.Tensor]) -> None:
         """Computed once per forward, shared by every routed layer."""
@@ -43,6 +105,10 @@ class RouteState:
         self.present = [] if route_ids is None else [int(r) for r in torch.unique(route_ids) if int(r) != 0]
         flat = route_ids.reshape(-1) if self.present else None
         self.rows = {r: torch.nonzero(flat == r).squeeze(-1) for r in [0, *self.present]} if self.present else {}
+        if self.whole and route_ids is not None:
+            self.cache.use({self.whole: route_ids.numel()})
+        elif self.rows:
+            self.cache.use({r: idx.numel() for r, idx in self.rows.items()})
         self.spans = {}
         for r, idx in self.rows.items():
             if idx.numel():
@@ -114,15 +180,16 @@ class RoutedLinear(nn.Module):
         return self.bias_delta.apply(b, route) if b is not None and self.bias_delta is not None else b
 
     def _route_linear(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        cache = self.state.cache
+        kept = cache.weights.get(route, {}).get(id(self))
+        if kept is not None:
+            return F.linear(x, *kept)
         route_out = getattr(self.weight_delta, "route_out", None)
-        if route_out is not None and route not in self.state.keep:  # low-rank delta: x W^T + x A^T B^T
+        if route_out is not None and route not in cache.keep:  # low-rank delta: x W^T + x A^T B^T
             y = self.linear(x)
             d = route_out(x, route)
             return y + d.to(y.dtype) if d.shape[-1] else y
-        kept = self.__dict__.setdefault("_kept", {})  # plain dict: kept weights are a cache, not state
-        if route in kept:
-            return F.linear(x, *kept[route])
-        block = self._block() if route not in self.state.keep else None
+        block = self._block() if route not in cache.keep else None
         if block:  # CPU: build and use the route's weight a cache-sized block at a time
             y = self.weight_delta.linear_blocked({route: x}, self.linear.weight, block)[route]
             b = self._bias(route)
@@ -131,8 +198,8 @@ class RoutedLinear(nn.Module):
         b = self.linear.bias
         if b is not None:
             b = self.bias_delta.apply(b, route) if self.bias_delta is not None else b
-        if route in self.state.keep:
-            kept[route] = (w, b)
+        if route in cache.keep:
+            cache.weights.setdefault(route, {})[id(self)] = (w, b)
         return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +212,7 @@ class RoutedLinear(nn.Module):
         y = flat.new_empty(flat.shape[0], self.linear.out_features)
         block = self._block()
         together = {r: st.gather(flat, r) for r, rows in st.rows.items()
-                    if r and rows.numel() and r not in st.keep} if block else {}
+                    if r and rows.numel() and r not in st.cache.keep} if block else {}
         if together:  # every route's rows built from one cached block of the weight (CPU)
             for r, out in self.weight_delta.linear_blocked(together, self.linear.weight, block).items():
                 b = self._bias(r)
@@ -169,8 +236,15 @@ class RoutedModule(nn.Module):
         self.state = state
 
     def _params(self, route: int) -> Dict[str, torch.Tensor]:
+        cache = self.state.cache
+        kept = cache.weights.get(route, {}).get(id(self))
+        if kept is not None:
+            return kept
         own = dict(self.module.named_parameters())
-        return {self.names[k]: own[self.names[k]] + d.delta(route) for k, d in self.deltas.items()}
+        params = {self.names[k]: own[self.names[k]] + d.delta(route) for k, d in self.deltas.items()}
+        if route in cache.keep:
+            cache.weights.setdefault(route, {})[id(self)] = params
+        return params
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state
@@ -179,10 +253,10 @@ class RoutedModule(nn.Module):
         y = self.module.forward(x, *args, **kwargs)
         if not st.present or st.route_ids.shape != x.shape[:-1]:
             return y
-        for r in st.present:
-            sel = st.route_ids == r
-            y[sel] = torch.func.functional_call(self.module, self._params(r), (x[sel],))
-        return y
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        for r in st.present:  # by slices when the route's tokens are few runs (no boolean-mask sync)
+            st.scatter(flat_y, r, torch.func.functional_call(self.module, self._params(r), (st.gather(flat_x, r),)))
+        return flat_y.view(y.shape)
 
 
 def replace_modules(model: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]]) -> Dict[str, nn.Module]:
@@ -209,8 +283,10 @@ def install_routes(model: nn.Module, deltas: Dict[str, nn.Module], state: RouteS
         own = {p: deltas[f"{full}.{p}"] for p, _ in child.named_parameters(recurse=False) if f"{full}.{p}" in deltas}
         if not own or isinstance(child, nn.Embedding) or any(True for _ in child.children()):
             return None
-        if isinstance(child, nn.Linear):
+        if isinstance(child, nn.Linear):  # a route kept in the cache holds a copy of weight and bias
+            state.cache.route_bytes += sum(p.numel() * p.element_size() for p in child.parameters(recurse=False))
             return RoutedLinear(child, own["weight"], own.get("bias"), state)
+        state.cache.route_bytes += sum(child.get_parameter(p).numel() * child.get_parameter(p).element_size() for p in own)
         return RoutedModule(child, own, state)
 
     return len(replace_modules(model, routed))
