@@ -31,6 +31,7 @@ import transformers
 
 from mergekit_multimodal.compose import output
 from mergekit_multimodal.compose.card import hub_ids
+from mergekit_multimodal.compose.checkpoint import _st_dtype
 from mergekit_multimodal.compose.vocab import TOKENIZER_FILES
 from mergekit_multimodal.compose.writer import Entry, PlannedShardWriter
 from mergekit_multimodal.errors import CompositionError, cli_errors
@@ -45,7 +46,6 @@ LOG = logging.getLogger(__name__)
 #: transformers' default shard size for save_pretrained
 SHARD_SIZE = 5 * 1000**3
 REPORT = "export_report.json"
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: token ids of the probe input the low-rank report measures the logit error on
 PROBE_LENGTH, PROBE_SEED = 16, 0
 
@@ -130,7 +130,7 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
         if tuple(have[0]) != shape:
             raise CompositionError(f"{where}: tensor {name!r} in {src} is {list(have[0])}; {entry.architecture} "
                                    f"holds {key!r} as {list(shape)}")
-        entries.append(Entry(key, shape, _ST_DTYPES.get(have[1], torch.float32)))
+        entries.append(Entry(key, shape, _st_dtype(have[1])))
     extra = sorted(set(stored) - set(modality_names)) + sorted(set(llm) - set(llm_names) - {"lm_head.weight"})
     if extra:
         raise CompositionError(f"{where}: {entry.architecture} has no place for tensor {extra[0]!r} "
@@ -316,7 +316,7 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         delta = method.read_deltas(path, manifest, list(manifest.modalities), torch.float32, only=(name,)).get(name)
         if delta is None:
             continue
-        dtype = _ST_DTYPES.get(shapes[name][1], torch.float32)
+        dtype = _st_dtype(shapes[name][1])
         if kind == "other":  # a norm: LoRA has no form for it; PEFT keeps the route's whole weight (modules_to_save)
             whole[name] = delta.apply(merged.get_tensor(name).float(), route).to(dtype)
             continue

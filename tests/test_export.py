@@ -120,14 +120,23 @@ def test_checkpoint_files_and_card(mmer, tmp_path):
     for f in ("config.json", "tokenizer.json", "preprocessor_config.json", "README.md", "generation_config.json"):
         assert f in files
     card = open(os.path.join(out, "README.md")).read()
-    sources = read_json(os.path.join(mmer, "composite_config.json"))["modalities"]
-    for entry in sources.values():  # local paths: named in the body (the Hub's base_model takes Hub ids only)
+    entries = read_json(os.path.join(mmer, "composite_config.json"))["modalities"]
+    for entry in entries.values():  # local paths: named in the body (the Hub's base_model takes Hub ids only)
         assert f"`{entry['source']}`" in card
     cfg = read_json(os.path.join(out, "config.json"))
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
-    assert cfg["image_token_index"] == sources["image"]["placeholder_id"]
+    assert cfg["image_token_index"] == entries["image"]["placeholder_id"]
     assert cfg["text_config"]["pad_token_id"] is None  # the source's own <pad> id: not a composite id
     assert "text_config.pad_token_id" in card
+    # plain transformers loads it, the package never imported
+    import subprocess
+    import sys
+
+    code = ("import sys, transformers; m = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1]); "
+            "assert type(m).__name__ == 'LlavaForConditionalGeneration'; "
+            "assert not [k for k in sys.modules if k.startswith('mergekit')]; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]
     # the LLM is route image's, not the merged LLM (which the composite's root holds)
     name = "model.layers.0.self_attn.q_proj.weight"
     exported, merged = read_dir(out)["model.language_model." + name[len("model."):]], read_dir(mmer)[name]
