@@ -20,7 +20,6 @@ Two forms, both streamed tensor by tensor into a directory written aside and ren
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple
@@ -40,8 +39,6 @@ from mergekit_multimodal.format import files as F
 from mergekit_multimodal.format.manifest import Manifest, ModalityEntry
 from mergekit_multimodal.format.tensors import header_shapes, open_stream
 from mergekit_multimodal.methods.routes import iter_route
-
-LOG = logging.getLogger(__name__)
 
 #: transformers' default shard size for save_pretrained
 SHARD_SIZE = 5 * 1000**3
