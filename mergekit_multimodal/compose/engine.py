@@ -33,34 +33,8 @@ LOG = logging.getLogger(__name__)
 
 def execute_plan(plan: CompositePlan, out_path: str, config_source: Optional[str] = None, overwrite: bool = False) -> str:
     """Write the composite to `out_path`; on any failure nothing is left there (compose/output.py)."""
-    out_path = os.path.abspath(out_path)
-    if os.path.lexists(out_path) and not overwrite:
-        raise CompositionError(f"{out_path}: output already exists; remove it or pass --overwrite")
-    if overwrite:
-        output.refuse_inputs(out_path, _input_dirs(plan))
-    parent = os.path.dirname(out_path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise CompositionError(f"{exc.filename or parent}: cannot create the output's directory ({exc.strerror})") from None
-    with output.sigterm_unwinds(), output.OutputLock(out_path):
-        output.clean_stale(out_path)
-        before = output.identity(out_path)
-        if before is not None and not overwrite:
-            raise CompositionError(f"{out_path}: output already exists; remove it or pass --overwrite")
-        tmp = output.partial_path(out_path)
-        try:
-            _write_composite(plan, tmp, config_source)
-            output.check_signals()
-            output.land(tmp, out_path, before)
-        except OSError as exc:  # a full disk, a read-only directory, a file that vanished
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CompositionError(f"{exc.filename or tmp}: {exc.strerror or exc} while writing {out_path}; "
-                                   "nothing was written there") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out_path
+    return output.write_aside(out_path, lambda tmp: _write_composite(plan, tmp, config_source),
+                              inputs=_input_dirs(plan), overwrite=overwrite)
 
 
 def _input_dirs(plan: CompositePlan):

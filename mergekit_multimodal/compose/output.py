@@ -29,7 +29,7 @@ import signal
 import stat
 import threading
 import uuid
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 from mergekit_multimodal.errors import CompositionError
 
@@ -233,3 +233,37 @@ def land(tmp: str, out: str, before: Identity) -> None:
             os.rename(trash, out)
         raise
     _remove(trash)
+
+
+def write_aside(out_path: str, write: Callable[[str], None], inputs: Iterable[str] = (), overwrite: bool = False) -> str:
+    """Run `write(tmp)` into a partial directory beside `out_path`, then land it there: with the lock
+    held, stale partials removed, `out_path` refused if it exists (unless `overwrite`, which may not
+    replace any of the `inputs` directories), SIGTERM unwinding; on any failure nothing is left."""
+    out_path = os.path.abspath(out_path)
+    if os.path.lexists(out_path) and not overwrite:
+        raise CompositionError(f"{out_path}: output already exists; remove it or pass --overwrite")
+    if overwrite:
+        refuse_inputs(out_path, inputs)
+    parent = os.path.dirname(out_path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise CompositionError(f"{exc.filename or parent}: cannot create the output's directory ({exc.strerror})") from None
+    with sigterm_unwinds(), OutputLock(out_path):
+        clean_stale(out_path)
+        before = identity(out_path)
+        if before is not None and not overwrite:
+            raise CompositionError(f"{out_path}: output already exists; remove it or pass --overwrite")
+        tmp = partial_path(out_path)
+        try:
+            write(tmp)
+            check_signals()
+            land(tmp, out_path, before)
+        except OSError as exc:  # a full disk, a read-only directory, a file that vanished
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CompositionError(f"{exc.filename or tmp}: {exc.strerror or exc} while writing {out_path}; "
+                                   "nothing was written there") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out_path

@@ -74,6 +74,12 @@ class Manifest(_Entry):
         """Route id of each modality: 1..N in the manifest's order (0 is the text route); none without routes."""
         return {m: i + 1 for i, m in enumerate(self.modalities)} if self.routes else {}
 
+    def modality(self, name: str, where: str) -> ModalityEntry:
+        """Modality `name`'s entry; an unknown name is an error listing the composite's modalities."""
+        if name not in self.modalities:
+            raise CompositionError(f"{where}: no modality {name!r}; it has {', '.join(self.modalities)}")
+        return self.modalities[name]
+
     def write(self, directory: str) -> None:
         with open(os.path.join(directory, COMPOSITE_CONFIG), "w", encoding="utf-8") as f:
             json.dump(self.model_dump(mode="json", by_alias=True, exclude_unset=True), f, indent=2)

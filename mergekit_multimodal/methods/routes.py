@@ -12,7 +12,6 @@ from typing import Iterator, Tuple
 
 import torch
 
-from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.format.manifest import Manifest
 from mergekit_multimodal.format.tensors import open_stream
 
@@ -22,8 +21,7 @@ def iter_route(path: str, modality: str, dtype: torch.dtype = torch.float32) -> 
     from mergekit_multimodal.methods import get_method
 
     manifest = Manifest.read(path)
-    if modality not in manifest.modalities:
-        raise CompositionError(f"{path}: no modality {modality!r}; it has {', '.join(manifest.modalities)}")
+    manifest.modality(modality, path)
     merged = open_stream(path, "model")
     method = get_method(manifest.merge_method) if manifest.routes else None
     route = manifest.route_ids().get(modality)
