@@ -12,7 +12,8 @@
 3. compose: the same tiny-family MMER composite composed on CPU and with the merge arithmetic on
    CUDA (`MergeOptions.device`), compared file by file, byte for byte.
 
-Prints one summary at the end; the full logs go to DIR (default: a temporary directory).
+Prints one summary at the end; the logs (6 small files) go to DIR (default: a temporary directory),
+the generated checkpoints to a temporary directory.
 Needs the packages of `pip install -e '.[test]'`; never run in CI (CI has no GPU).
 """
 
@@ -46,7 +47,7 @@ def run(cmd, log: Path, env=None, timeout=240) -> tuple:
     return rc, out, time.perf_counter() - t0
 
 
-def tests(out: Path) -> list:
+def tests(out: Path, work: Path) -> list:
     rows = []
     for dtype, select in SELECT.items():
         rc, text, secs = run([sys.executable, "-m", "pytest", *EQUIVALENCE, "-q", "-p", "no:cacheprovider", "-k", select],
@@ -57,9 +58,9 @@ def tests(out: Path) -> list:
     return rows
 
 
-def bench(out: Path) -> list:
+def bench(out: Path, work: Path) -> list:
     cmd = [sys.executable, "benchmarks/bench_runtime.py", "--size", "ref", "--device", "cuda", "--dtype", "bfloat16",
-           "--repeats", "5", "--route-cache", "0", "auto", "--work", str(out / "bench-work"), "--profile", str(out / "profile.txt")]
+           "--repeats", "5", "--route-cache", "0", "auto", "--work", str(work / "bench"), "--profile", str(out / "profile.txt")]
     rc, text, secs = run(cmd, out / "bench-runtime.txt", timeout=300)
     if rc != 0:
         return [("runtime bench (ref, bf16)", f"FAILED (rc {rc})", text.strip().splitlines()[-1] if text.strip() else "")]
@@ -78,21 +79,21 @@ def digests(d: Path) -> dict:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def compose_check(out: Path) -> list:
+def compose_check(out: Path, work: Path) -> list:
     from mergekit.options import MergeOptions
 
     from mergekit_multimodal import compose
     from mergekit_multimodal.testing import build_tiny_family
 
-    fam = build_tiny_family(out / "fam", tuple(MODALITY), hidden_size=256, num_layers=8)
+    fam = build_tiny_family(work / "fam", tuple(MODALITY), hidden_size=256, num_layers=8)
     cfg = {"merge_method": "mmer", "base_model": str(fam.base),
            "models": [{"model": str(fam.sources[k]), "modality": m} for k, m in MODALITY.items()]}
     times = {}
     for dev in ("cpu", "cuda"):
         t0 = time.perf_counter()
-        compose(cfg, str(out / f"composite-{dev}"), MergeOptions(device=dev, quiet=True), overwrite=True)
+        compose(cfg, str(work / f"composite-{dev}"), MergeOptions(device=dev, quiet=True), overwrite=True)
         times[dev] = time.perf_counter() - t0
-    a, b = digests(out / "composite-cpu"), digests(out / "composite-cuda")
+    a, b = digests(work / "composite-cpu"), digests(work / "composite-cuda")
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     (out / "compose.txt").write_text("\n".join(f"{k} cpu {a.get(k)} cuda {b.get(k)}" for k in sorted(set(a) | set(b))))
     status = "byte-identical" if not differ else f"DIFFER: {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}"
@@ -110,13 +111,14 @@ def main():
     out = Path(args.out or tempfile.mkdtemp(prefix="device-check-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
+    work = Path(tempfile.mkdtemp(prefix="device-check-work-"))  # checkpoints and composites, not logs
     t0 = time.perf_counter()
     rows = []
     for name, part in (("compose", compose_check), ("tests", tests), ("bench", bench)):
         if name in skip:
             continue
         try:
-            rows += part(out)
+            rows += part(out, work)
         except Exception as exc:  # one broken part must not hide the others' numbers
             rows.append((name, "FAILED", f"{type(exc).__name__}: {exc}"))
         print(f"[{time.perf_counter() - t0:.0f} s] {name} done", flush=True)
