@@ -122,7 +122,6 @@ def main() -> None:
     n_params = generate(root, args.size)
     path = compose_once(root)
     plain = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-    import json
 
     comps = {f"composite, cache {c}": CompositeModel.from_pretrained(str(path), torch_dtype=dtype, device=args.device,
                                                                       modalities=[], route_cache=c)
