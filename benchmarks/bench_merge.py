@@ -46,6 +46,8 @@ PRESETS = {
     "tiny": dict(hidden_size=72, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8),
     "ref": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
+    # 4 layers of a 7B Llama's width (1.07B params): per-layer work the size of real checkpoints' (GPU runs)
+    "wide": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32),
 }
 GOALS = (  # (label, our method, mergekit method, metric, goal ratio)
     ("mmer / ties wall", "mmer", "ties", "wall", 0.5),

@@ -6,13 +6,14 @@
    cache, generation on a route) run on CUDA in float32 and in bfloat16 (tests/helpers.py:
    MERGEKIT_MM_TEST_DEVICE / MERGEKIT_MM_TEST_DTYPE; in bfloat16 a composite must be no further
    from the source's float32 logits than twice the source class itself in bfloat16).
-2. bench: benchmarks/bench_runtime.py --size ref in bfloat16, lean (route cache 0) and with the
-   CUDA default cache (auto), each against plain transformers in the same process; plus a
-   profile of one composite prefill (top CUDA ops) in DIR/profile.txt.
+2. bench: benchmarks/bench_runtime.py in bfloat16 at --size ref (271M) and --size wide (4 layers
+   of a 7B's width), lean (route cache 0) and with the CUDA default cache (auto), each against
+   plain transformers in the same process; plus a profile of one lean composite prefill (top
+   ops) in DIR/profile-SIZE.txt.
 3. compose: the same tiny-family MMER composite composed on CPU and with the merge arithmetic on
    CUDA (`MergeOptions.device`), compared file by file, byte for byte.
 
-Prints one summary at the end; the logs (6 small files) go to DIR (default: a temporary directory),
+Prints one summary at the end; the logs (8 small files) go to DIR (default: a temporary directory),
 the generated checkpoints to a temporary directory.
 Needs the packages of `pip install -e '.[test]'`; never run in CI (CI has no GPU).
 """
@@ -59,20 +60,26 @@ def tests(out: Path, work: Path) -> list:
 
 
 def bench(out: Path, work: Path) -> list:
-    cmd = [sys.executable, "benchmarks/bench_runtime.py", "--size", "ref", "--device", "cuda", "--dtype", "bfloat16",
-           "--repeats", "5", "--route-cache", "0", "auto", "--work", str(work / "bench"), "--profile", str(out / "profile.txt")]
-    rc, text, secs = run(cmd, out / "bench-runtime.txt", timeout=300)
-    if rc != 0:
-        return [("runtime bench (ref, bf16)", f"FAILED (rc {rc})", text.strip().splitlines()[-1] if text.strip() else "")]
-    rows, setting = [], None
-    for line in text.splitlines():
-        m = re.match(r"(composite, cache \S+) / plain", line)
-        if m:
-            setting = m.group(1)
-        m = re.match(r"\s+(prefill|decode|memory \(resident\)|peak CUDA memory \(prefill\) / plain weights)\s+([0-9.]+x)", line)
-        if m and setting:
-            rows.append((f"{setting}: {m.group(1)}", m.group(2), line.split("(goal", 1)[1].rstrip(")") if "(goal" in line else ""))
-    return rows or [("runtime bench (ref, bf16)", "no ratios found", str(out / "bench-runtime.txt"))]
+    rows = []
+    for size, repeats, timeout in (("ref", 5, 120), ("wide", 2, 180)):
+        cmd = [sys.executable, "benchmarks/bench_runtime.py", "--size", size, "--device", "cuda", "--dtype", "bfloat16",
+               "--repeats", str(repeats), "--route-cache", "0", "auto", "--work", str(work / "bench"),
+               "--profile", str(out / f"profile-{size}.txt")]
+        rc, text, secs = run(cmd, out / f"bench-runtime-{size}.txt", timeout=timeout)
+        if rc != 0:
+            rows.append((f"runtime bench ({size}, bf16)", f"FAILED (rc {rc})", text.strip().splitlines()[-1] if text.strip() else ""))
+            continue
+        found, setting = [], None
+        for line in text.splitlines():
+            m = re.match(r"(composite, cache \S+) / plain", line)
+            if m:
+                setting = m.group(1)
+            m = re.match(r"\s+(prefill|decode|memory \(resident\)|peak CUDA memory \(prefill\))\s+([0-9.]+x)", line)
+            if m and setting:
+                found.append((f"{size}: {setting}: {m.group(1)}", m.group(2),
+                              line.split("(goal", 1)[1].rstrip(")") if "(goal" in line else ""))
+        rows += found or [(f"runtime bench ({size}, bf16)", "no ratios found", str(out / f"bench-runtime-{size}.txt"))]
+    return rows
 
 
 def digests(d: Path) -> dict:
@@ -91,9 +98,10 @@ def compose_check(out: Path, work: Path) -> list:
     times = {}
     for dev in ("cpu", "cuda"):
         t0 = time.perf_counter()
-        compose(cfg, str(work / f"composite-{dev}"), MergeOptions(device=dev, quiet=True), overwrite=True)
+        # one directory name for both: the model card's title is the output's name
+        compose(cfg, str(work / dev / "composite"), MergeOptions(device=dev, quiet=True), overwrite=True)
         times[dev] = time.perf_counter() - t0
-    a, b = digests(work / "composite-cpu"), digests(work / "composite-cuda")
+    a, b = digests(work / "cpu" / "composite"), digests(work / "cuda" / "composite")
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     (out / "compose.txt").write_text("\n".join(f"{k} cpu {a.get(k)} cuda {b.get(k)}" for k in sorted(set(a) | set(b))))
     status = "byte-identical" if not differ else f"DIFFER: {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}"

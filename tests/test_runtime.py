@@ -206,6 +206,20 @@ def test_bad_inputs_are_clear(family, tmp_path):
         CompositeModel.from_pretrained(out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_unpacking_by_shifts_equals_the_table_lookup(dtype):
+    """The CUDA path (shifts and a select) gives exactly the CPU path's coefficients, and both
+    equal scale * mask - alpha computed from the unpacked mask."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 20, generator=g) > 0.5
+    d = RouteDelta(torch.randn(6, 20, generator=g).to(dtype), [pack_mask(mask)], [1.37], 0.41)
+    table = d.coefficients(1)
+    shifts = d._unpacked(1, d.mask0)[:120].reshape(6, 20)
+    assert torch.equal(table, shifts)
+    want = torch.where(mask, torch.tensor(1.37 - 0.41), torch.tensor(-0.41)).to(dtype)
+    assert torch.equal(table, want)
+
+
 @pytest.mark.parametrize("hidden", [16, 12])  # byte-aligned rows, and the fallback
 def test_route_delta_rows_equal_the_full_delta_rows(hidden):
     g = torch.Generator().manual_seed(0)
@@ -277,7 +291,7 @@ def test_cache_budget_sizes(spec, device, want):
     assert cache_budget(spec, torch.device(device)) == want
 
 
-@pytest.mark.parametrize("kind, route_cache", [("llava", None), ("qwen2_audio", None), ("llava", "all")])
+@pytest.mark.parametrize("kind, route_cache", [("llava", 0), ("qwen2_audio", 0), ("llava", "all")])
 def test_greedy_generation_stays_on_its_route(family, tmp_path, kind, route_cache):
     """Under route(m) every generated token runs on route m too (its embedding rows included): greedy
     decoding equals, step by step, the source class whose LLM weights are route m's (iter_route);
@@ -305,4 +319,4 @@ def test_greedy_generation_stays_on_its_route(family, tmp_path, kind, route_cach
     assert torch.equal(got.sequences[0, -5:].cpu(), want.sequences[0, -5:].cpu())
     for step, (g, w) in enumerate(zip(got.scores, want.scores)):
         torch.testing.assert_close(g[..., :V0].cpu(), w[..., :V0].cpu(), rtol=1e-4, atol=1e-4, msg=f"step {step}")
-    assert sorted(model.state.cache.weights) == ([] if route_cache is None else [model.route_of[MODALITY[kind]]])
+    assert sorted(model.state.cache.weights) == ([] if route_cache == 0 else [model.route_of[MODALITY[kind]]])

@@ -43,9 +43,26 @@ class RouteDelta(nn.Module):
         a [256, 8] table of its 8 coefficients (so no separate mask tensor is built)."""
         packed = getattr(self, f"mask{route - 1}") if packed is None else packed
         count = self.tau.numel() if shape is None else math.prod(shape)
-        index = packed.reshape(-1) if packed.dtype == torch.int32 else packed.reshape(-1).int()
-        coeff = self._table(route).index_select(0, index).reshape(-1)[:count]
+        if packed.device.type != "cpu":
+            coeff = self._unpacked(route, packed)[:count]
+        else:
+            index = packed.reshape(-1) if packed.dtype == torch.int32 else packed.reshape(-1).int()
+            coeff = self._table(route).index_select(0, index).reshape(-1)[:count]
         return coeff.reshape(self.tau.shape if shape is None else shape)
+
+    def _unpacked(self, route: int, packed: torch.Tensor) -> torch.Tensor:
+        """The same coefficients by a bitwise and and a select: elementwise, coalesced kernels. On
+        CUDA the [256, 8] table's gather took 84% of a lean prefill's GPU time (H200, bf16, 271M
+        model); on CPU the table is faster, so it stays there. The two values are the table's own
+        (rounded to float32, then to tau's dtype), so both paths give the same bits."""
+        key = ("select", route, packed.device, packed.dtype, self.tau.dtype)
+        tables = self.__dict__.setdefault("_tables", {})  # a cache, not module state
+        if key not in tables:
+            bit = torch.tensor([1 << i for i in range(8)], device=packed.device).to(packed.dtype)
+            on, off = torch.tensor([self.scales[route - 1] - self.alpha, -self.alpha], device=packed.device)
+            tables[key] = (bit, on.to(self.tau.dtype), off.to(self.tau.dtype))
+        bit, on, off = tables[key]
+        return torch.where((packed.reshape(-1, 1) & bit).reshape(-1) != 0, on, off)
 
     def _table(self, route: int) -> torch.Tensor:
         """Route m's [256, 8] coefficient table, built once per device and dtype (a per-call build
