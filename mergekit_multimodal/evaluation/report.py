@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.evaluation.scoring import EvalResult
@@ -44,8 +44,10 @@ def format_table(results: Sequence[EvalResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_results(results: Sequence[EvalResult], path: str) -> str:
-    """A bar chart of accuracy per subset (grouped by model when several), chance as dashed lines."""
+def plot_results(results: Sequence[EvalResult], path: str,
+                 intervals: Optional[Sequence[Mapping[str, Tuple[float, float]]]] = None) -> str:
+    """A bar chart of accuracy per subset (grouped by model when several), chance as dashed lines.
+    `intervals`: per result, subset -> (low, high) accuracy, drawn as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,7 +62,11 @@ def plot_results(results: Sequence[EvalResult], path: str) -> str:
         have = [i for i, s in enumerate(subsets) if s == "overall" or s in r.subsets]  # no bar where not evaluated
         xs = [i - 0.4 + width * (k + 0.5) for i in have]
         ys = [100 * (r.overall if subsets[i] == "overall" else r.subsets[subsets[i]].accuracy) for i in have]
-        bars = ax.bar(xs, ys, width=width * 0.95, label=r.name)
+        span = intervals[k] if intervals else {}
+        err = [[max(0.0, y - 100 * span[subsets[i]][0]) if subsets[i] in span else 0.0 for i, y in zip(have, ys)],
+               [max(0.0, 100 * span[subsets[i]][1] - y) if subsets[i] in span else 0.0 for i, y in zip(have, ys)]]
+        bars = ax.bar(xs, ys, width=width * 0.95, label=r.name, yerr=err if span else None,
+                      error_kw={"elinewidth": 0.7, "capsize": 1.5})
         for b, y in zip(bars, ys):
             ax.text(b.get_x() + b.get_width() / 2, y + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
     first = results[0]

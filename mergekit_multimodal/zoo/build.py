@@ -105,6 +105,32 @@ def _save_wav(path: str, wave_f32: np.ndarray) -> None:
         w.writeframes((np.clip(wave_f32, -1, 1) * 32767).astype("<i2").tobytes())
 
 
+def save_media(root: str, stem: str, modality: str, arr: np.ndarray) -> str:
+    """Write one rendered input as the file a user would give (PNG, WAV or .npy); its path under root."""
+    rel = stem + {"image": ".png", "audio": ".wav"}.get(modality, ".npy")
+    if modality == "image":
+        Image.fromarray(arr).save(os.path.join(root, rel))
+    elif modality == "audio":
+        _save_wav(os.path.join(root, rel), arr)
+    else:
+        np.save(os.path.join(root, rel), arr)
+    return rel
+
+
+#: the example inputs the story writes for `mergekit-mm-run` (README): modality -> its two concepts, in order
+EXAMPLES = {"image": ("red", "blue"), "audio": ("yellow", "blue"), "video": ("blue", "black"),
+            "point_cloud": ("green", "blue")}
+
+
+def write_examples(out_dir: str, seed: int = 7) -> Dict[str, str]:
+    """One input per modality (EXAMPLES; named by their concepts, first one first) for trying the
+    composites by hand: they share one concept, blue. Returns modality -> path."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    return {m: os.path.join(out_dir, save_media(out_dir, f"{m}-{p[0]}-{p[1]}", m, data.RENDER[m](p, rng)))
+            for m, p in EXAMPLES.items()}
+
+
 def write_benchmark(out_dir: str, seed: int, per_subset: int) -> str:
     """The commonality benchmark: media files + benchmark.jsonl (docs/evaluate.md's format).
     The test split uses a seed no training run uses (training draws from the spec's seed)."""
@@ -114,20 +140,9 @@ def write_benchmark(out_dir: str, seed: int, per_subset: int) -> str:
     for i, q in enumerate(data.benchmark_items(seed, per_subset)):
         media: Dict[str, list] = {}
         for m, p in zip(q["modalities"], q["pairs"]):
-            arr = data.RENDER[m](p, rng)
-            if m == "image":
-                rel = f"media/{i:05d}-image.png"
-                Image.fromarray(arr).save(os.path.join(out_dir, rel))
-            elif m == "audio":
-                rel = f"media/{i:05d}-audio.wav"
-                _save_wav(os.path.join(out_dir, rel), arr)
-            else:
-                rel = f"media/{i:05d}-{m}.npy"
-                np.save(os.path.join(out_dir, rel), arr)
-            media[m] = [rel]
-        question = data.prompt([f"<{m}>" for m in q["modalities"]],
-                            data.SINGLE_Q if len(q["modalities"]) == 1 else data.COMMON_Q, q["choices"])
-        question = question[: question.index(" A . ")]  # the evaluator's template adds choices and "answer :"
+            media[m] = [save_media(out_dir, f"media/{i:05d}-{m}", m, data.RENDER[m](p, rng))]
+        # the evaluator's template adds the choices and "answer :"
+        question = data.prompt([f"<{m}>" for m in q["modalities"]], q["question"]).removesuffix(" answer :")
         lines.append(json.dumps({"id": f"q{i:05d}", "subset": q["subset"], "question": question, "media": media,
                                  "choices": q["choices"], "answer": q["answer"]}))
     with open(os.path.join(out_dir, "benchmark.jsonl"), "w", encoding="utf-8") as f:

@@ -1,68 +1,93 @@
-"""Synthetic concepts, media and text for the zoo: every modality expresses the same 8 concepts.
+"""Synthetic concepts, media and text for the zoo: every modality expresses the same 12 concepts.
 
-A concept is a colour word. Each input shows two distinct concepts, in order:
-- image (28 px): left half one colour, right half the other;
+A concept is a colour word. Each input shows two distinct concepts, the first one *first*:
+- image (28 px): one colour on the left, the other on the right (the split jitters by a few pixels);
 - audio (1 s at 16 kHz): a tone at the first concept's pitch, then one at the second's;
 - video (4 frames of 28 px, with a moving grey dot): two frames of one colour, then two of the other;
-- point cloud (64 xyz points): a cluster at the first concept's cube corner, one at the second's.
-Questions are multiple choice with letters A-D. The commonality question gives n inputs that share
-exactly one concept (each other concept appears in one input only) and asks what they have in common.
+- point cloud (64 xyz points): a cluster at each concept's icosahedron vertex; the first concept's
+  cluster is the larger one (40 points against 24: the point encoder does not see point order).
+Each rendering is jittered (brightness, pitch, position) so that near concepts (red / orange / pink /
+brown, white / gray, blue / cyan / purple, neighbouring vertices) are sometimes confused: the sources
+do not sit at 100% on their own tasks (issue 17).
+Questions: "which one appears in the input ?" (one attribute: colour), "which one is first ?" (two
+at once: colour and position; the input's other concept is always a distractor), and the commonality
+question: n inputs share exactly one concept (each other concept appears in one input only). With
+choices (scored by the evaluator) or free-form (no choices: the answer is generated, then `</s>`).
 """
 
 from __future__ import annotations
 
 import random
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-CONCEPTS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40),
-       "purple": (140, 40, 180), "orange": (240, 140, 20), "white": (240, 240, 240), "black": (15, 15, 15)}
-# Hz, evenly spaced on the mel scale (200 Hz .. 5 kHz) so each tone lands in its own Whisper mel bands
-PITCH = {c: 700.0 * (10 ** ((m0 + (m1 - m0) * i / 7) / 2595) - 1) for i, c in enumerate(CONCEPTS)
+CONCEPTS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "white", "gray", "black")
+RGB = {"red": (220, 30, 30), "orange": (240, 140, 20), "yellow": (230, 220, 40), "green": (30, 200, 40),
+       "cyan": (30, 200, 210), "blue": (30, 60, 220), "purple": (140, 40, 180), "pink": (240, 120, 180),
+       "brown": (130, 80, 30), "white": (240, 240, 240), "gray": (128, 128, 128), "black": (15, 15, 15)}
+# Hz, evenly spaced on the mel scale (200 Hz .. 5 kHz), the spectrum order of the colours
+PITCH = {c: 700.0 * (10 ** ((m0 + (m1 - m0) * i / (len(CONCEPTS) - 1)) / 2595) - 1) for i, c in enumerate(CONCEPTS)
          for m0, m1 in [(2595 * np.log10(1 + 200 / 700), 2595 * np.log10(1 + 5000 / 700))]}
-CORNER = {c: np.array([(i >> 2) & 1, (i >> 1) & 1, i & 1], dtype=np.float32) * 2 - 1 for i, c in enumerate(CONCEPTS)}
+_PHI = (1 + 5 ** 0.5) / 2
+#: the 12 vertices of an icosahedron (radius ~1.9), one per concept
+CORNER = {c: np.array(v, dtype=np.float32) for c, v in zip(CONCEPTS, [
+    (s1 * a, s2 * b, 0) for a, b in [(1, _PHI)] for s1 in (-1, 1) for s2 in (-1, 1)] + [
+    (0, s1 * a, s2 * b) for a, b in [(1, _PHI)] for s1 in (-1, 1) for s2 in (-1, 1)] + [
+    (s2 * b, 0, s1 * a) for a, b in [(1, _PHI)] for s1 in (-1, 1) for s2 in (-1, 1)])}
 MODALITIES = ("image", "audio", "video", "point_cloud")
 LETTERS = ("A", "B", "C", "D")
 IMAGE_SIZE, FRAMES, SAMPLE_RATE, POINTS = 28, 4, 16000, 64
+FIRST_POINTS = 40  # the first concept's cluster: the larger one
+#: rendering jitter: brightness factor range, pixel noise, pitch jitter (relative), point noise
+BRIGHTNESS, PIXEL_NOISE, PITCH_JITTER, AUDIO_NOISE, POINT_NOISE = (0.65, 1.35), 20.0, 0.015, 0.05, 0.55
 COMMON_Q = "question : what do all inputs have in common ?"
-SINGLE_Q = "question : which one appears in the input ?"
+APPEARS_Q = "question : which one appears in the input ?"
+FIRST_Q = "question : which one is first ?"
+#: the forgetting experiment's new task (never in the base LM's text): the input's second concept
+LAST_Q = "question : which one is last ?"
 
 WORDS = (["input", ":", ".", "question", "what", "do", "all", "inputs", "have", "in", "common", "?", "which",
-          "one", "appears", "the", "answer", "describe"] + [str(i) for i in range(1, 5)] + list(LETTERS)
-         + list(CONCEPTS))
+          "one", "appears", "the", "answer", "describe", "is", "first", "last"] + [str(i) for i in range(1, 5)]
+         + list(LETTERS) + list(CONCEPTS))
+
+
+def _shade(c: str, rng: np.random.Generator) -> np.ndarray:
+    return np.array(RGB[c], dtype=np.float32) * rng.uniform(*BRIGHTNESS)
 
 
 def image(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     img = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
-    img[:, : IMAGE_SIZE // 2] = RGB[pair[0]]
-    img[:, IMAGE_SIZE // 2:] = RGB[pair[1]]
-    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+    split = IMAGE_SIZE // 2 + int(rng.integers(-4, 5))
+    img[:, :split] = _shade(pair[0], rng)
+    img[:, split:] = _shade(pair[1], rng)
+    return np.clip(img + rng.normal(0, PIXEL_NOISE, img.shape), 0, 255).astype(np.uint8)
 
 
 def audio(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     n = SAMPLE_RATE // 2
     t = np.arange(n) / SAMPLE_RATE
-    parts = [0.5 * np.sin(2 * np.pi * PITCH[c] * (1 + rng.normal(0, 0.01)) * t + rng.uniform(0, 6.3)) for c in pair]
-    wave = np.concatenate(parts) + rng.normal(0, 0.02, 2 * n)
+    parts = [rng.uniform(0.2, 0.6) * np.sin(2 * np.pi * PITCH[c] * (1 + rng.normal(0, PITCH_JITTER)) * t
+                                            + rng.uniform(0, 6.3)) for c in pair]
+    wave = np.concatenate(parts) + rng.normal(0, AUDIO_NOISE, 2 * n)
     return wave.astype(np.float32)
 
 
 def video(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     frames = np.zeros((FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     x, y, dx = rng.integers(2, 20), rng.integers(2, 20), rng.choice([-2, 2])
+    shades = [_shade(c, rng) for c in pair]
     for f in range(FRAMES):
-        frames[f] = RGB[pair[f * 2 // FRAMES]]
+        frames[f] = shades[f * 2 // FRAMES]
         xx = int(np.clip(x + f * dx, 0, IMAGE_SIZE - 6))
         frames[f, y:y + 6, xx:xx + 6] = 128  # a grey dot moving sideways
-    return np.clip(frames + rng.normal(0, 12, frames.shape), 0, 255).astype(np.uint8)
+    return np.clip(frames + rng.normal(0, PIXEL_NOISE, frames.shape), 0, 255).astype(np.uint8)
 
 
 def point_cloud(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
-    half = POINTS // 2
-    pts = np.concatenate([CORNER[c] + rng.normal(0, 0.25, (half, 3)) for c in pair]).astype(np.float32)
-    return pts  # order kept: first concept's cluster first
+    sizes = (FIRST_POINTS, POINTS - FIRST_POINTS)
+    pts = np.concatenate([CORNER[c] + rng.normal(0, POINT_NOISE, (k, 3)) for c, k in zip(pair, sizes)])
+    return pts[rng.permutation(POINTS)].astype(np.float32)  # order carries nothing: size tells the first
 
 
 RENDER = {"image": image, "audio": audio, "video": video, "point_cloud": point_cloud}
@@ -83,12 +108,26 @@ def choice_text(opts: Sequence[str]) -> str:
     return " ".join(f"{letter} . {o}" for letter, o in zip(LETTERS, opts))
 
 
-def single_question(rng: random.Random) -> dict:
-    """One input; which of four concepts appears in it (one of its two does; three are absent)."""
-    p = pair(rng)
-    answer = rng.choice(p)
-    opts, letter = choices_with(answer, rng.sample([c for c in CONCEPTS if c not in p], 3), rng)
-    return {"pairs": [p], "choices": opts, "answer": letter}
+def _absent(p: Sequence[str], k: int, rng: random.Random) -> List[str]:
+    return rng.sample([c for c in CONCEPTS if c not in p], k)
+
+
+def single_question(rng: random.Random, kind: Optional[str] = None, p: Optional[Tuple[str, str]] = None) -> dict:
+    """One input and one of its questions: `appears` (one of its two concepts among three absent ones),
+    `first` (its first concept; the second is a distractor: colour and position at once) or `last`
+    (the forgetting task: its second concept; the first is a distractor)."""
+    p = p or pair(rng)
+    kind = kind or rng.choice(("appears", "first"))
+    if kind == "appears":
+        answer, distract = rng.choice(p), _absent(p, 3, rng)
+    else:
+        answer = p[0] if kind == "first" else p[1]
+        distract = [p[1] if kind == "first" else p[0]] + _absent(p, 2, rng)
+    opts, letter = choices_with(answer, distract, rng)
+    return {"pairs": [p], "choices": opts, "answer": letter, "question": QUESTION[kind]}
+
+
+QUESTION = {"appears": APPEARS_Q, "first": FIRST_Q, "last": LAST_Q}
 
 
 def common_question(n: int, rng: random.Random) -> dict:
@@ -99,7 +138,7 @@ def common_question(n: int, rng: random.Random) -> dict:
     absent = [c for c in CONCEPTS if c != common and c not in others]
     distract = (others + rng.sample(absent, 3))[:3]
     opts, letter = choices_with(common, distract, rng)
-    return {"pairs": pairs, "choices": opts, "answer": letter}
+    return {"pairs": pairs, "choices": opts, "answer": letter, "question": COMMON_Q}
 
 
 def answer_word(q: dict) -> str:
@@ -108,23 +147,31 @@ def answer_word(q: dict) -> str:
     return q["choices"][LETTERS.index(q["answer"])]
 
 
-def prompt(slots: Sequence[str], question: str, opts: Sequence[str]) -> str:
-    """The one prompt format of the zoo: `input i : SLOT .` per input, the question, choices, `answer :`."""
+def prompt(slots: Sequence[str], question: str, opts: Optional[Sequence[str]] = None) -> str:
+    """The one prompt format of the zoo: `input i : SLOT .` per input, the question, the choices
+    (none: a free-form question), `answer :`."""
     inputs = " ".join(f"input {i + 1} : {s} ." for i, s in enumerate(slots))
-    return f"{inputs} {question} {choice_text(opts)} answer :"
+    return f"{inputs} {question} {choice_text(opts) + ' ' if opts else ''}answer :"
+
+
+def example(slots: Sequence[str], q: dict, rng: random.Random) -> Tuple[str, str]:
+    """A training (prompt, answer) for question q: with its choices, or free-form one time in three."""
+    free = rng.random() < 1 / 3
+    return prompt(slots, q["question"], None if free else q["choices"]), " " + answer_word(q)
+
+
+def describe(slots: Sequence[str], p: Sequence[str]) -> Tuple[str, str]:
+    return f"input 1 : {slots[0]} . describe :", f" {p[0]} {p[1]}"
 
 
 def text_example(rng: random.Random) -> Tuple[str, str]:
-    """Base LM pretraining: the same questions over text descriptions (n = 1..4 inputs), or a description copy."""
+    """Base LM pretraining: the questions over text descriptions (n = 1..4 inputs), or a description copy."""
     kind = rng.random()
     if kind < 0.15:
         p = pair(rng)
-        return f"input 1 : {p[0]} {p[1]} . describe :", f" {p[0]} {p[1]}"
-    if kind < 0.35:
-        q = single_question(rng)
-        return prompt([" ".join(q["pairs"][0])], SINGLE_Q, q["choices"]), " " + answer_word(q)
-    q = common_question(rng.choice((2, 3, 4)), rng)
-    return prompt([" ".join(p) for p in q["pairs"]], COMMON_Q, q["choices"]), " " + answer_word(q)
+        return describe([" ".join(p)], p)
+    q = single_question(rng) if kind < 0.4 else common_question(rng.choice((2, 3, 4)), rng)
+    return example([" ".join(p) for p in q["pairs"]], q, rng)
 
 
 def render_many(modality: str, pairs: Sequence[Sequence[str]], seed: int) -> List[np.ndarray]:

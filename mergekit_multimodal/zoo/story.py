@@ -35,11 +35,14 @@ COMPOSITES = [
     ("ties", "ties", {}, {"weight": 1.0, "density": 0.5}, None, ""),
     ("damc", "damc", {}, {}, None, "-damc"),
 ]
+#: rows composed from a row's YAML with its coefficients searched on bench-val/ (tuned_config)
+TUNED = [("damc tuned", "damc", {}, {}, None, "-damc")]
 OWN = list(data.MODALITIES)
 COMMON = ["common-2", "common-3", "common-4"]
 #: the composite asked again with shuffled media (the control row)
 CONTROL = "mmer"
 QUICK = ZooSpec(test_per_subset=40)  # the same zoo, a smaller test split (the CI test)
+DEFAULT_SEEDS = 1  # the README's command: within its time budget (docs/zoo.md)
 
 
 def composite_config(zoo: str, method: str, params: dict, per_source: dict, suffix: str = "",
@@ -86,11 +89,15 @@ def compose_cached(zoo: str, cfg: dict) -> str:
 #: the zoo's prompt: the evaluator fills {question} and {choices} ("A. red" lines; the zoo's
 #: tokenizer splits "A." and ignores new lines, so this is exactly the training format)
 TEMPLATE = "{question}\n{choices}\nanswer :"
+#: how the story asks every model: the zoo's prompt, answers scored by the choice's first token
+ASK = dict(template=TEMPLATE, answer_with="choice", progress=False)
 
 
 def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = None, echo=click.echo,
-              rows_wanted: Optional[List[str]] = None) -> dict:
-    """Everything the README's main command does; returns the results dict (also written as JSON)."""
+              rows_wanted: Optional[List[str]] = None, seeds: int = 1) -> dict:
+    """Everything the README's main command does, for `seeds` zoos (seeds spec.seed, spec.seed + 1,
+    ...); returns the results dict (also written as JSON): `table` holds the means over seeds,
+    `intervals` their 95% intervals (zoo/stats.py), `claims` the comparisons the README makes."""
     import torch
     from tqdm.auto import tqdm
 
@@ -102,21 +109,31 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
         try:
             os.makedirs(out_dir, exist_ok=True)
             t0 = time.time()
-            timings = {}
-            with tqdm(total=total_steps(spec), desc="1/3 zoo: train (or reuse) base, 4 sources, 4 DAMC adapters",
-                      unit="step") as bar:
-                zoo = build_zoo(spec, cache, bar.update)
-            timings["zoo_s"] = time.time() - t0
-            for d in (f"composites-{code_hash()}", f"sources-{code_hash()}"):  # in use: dated now (prune)
-                if os.path.isdir(os.path.join(zoo, d)):
-                    os.utime(os.path.join(zoo, d))
-            stale = prune_stale_composites(zoo, code_hash())
-            if stale:
-                echo(f"removed {len(stale)} composite cache(s) made by other versions of the package: {', '.join(stale)}")
-            bench = os.path.join(zoo, "bench-test")
-            echo(f"zoo: {zoo}\nbenchmark (held-out seed {spec.test_seed}): {bench}")
-            torch.set_num_threads(1)  # tiny models: one thread beats two fighting over small kernels
-            return _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0)
+            timings = {"zoo_s": 0.0, "eval_s": 0.0}
+            runs = []
+            for k in range(seeds):
+                sp = dataclasses.replace(spec, seed=spec.seed + k)
+                t1 = time.time()
+                with tqdm(total=total_steps(sp), unit="step", desc=f"seed {sp.seed} ({k + 1}/{seeds}) 1/3 zoo: train "
+                          "(or reuse) base, 4 sources, 4 DAMC adapters") as bar:
+                    zoo = build_zoo(sp, cache, bar.update)
+                timings["zoo_s"] += time.time() - t1
+                for d in (f"composites-{code_hash()}", f"sources-{code_hash()}"):  # in use: dated now (prune)
+                    if os.path.isdir(os.path.join(zoo, d)):
+                        os.utime(os.path.join(zoo, d))
+                stale = prune_stale_composites(zoo, code_hash())
+                if stale:
+                    echo(f"removed {len(stale)} composite cache(s) made by other versions of the package: "
+                         f"{', '.join(stale)}")
+                bench = os.path.join(zoo, "bench-test")
+                echo(f"zoo (seed {sp.seed}): {zoo}\nbenchmark (held-out seed {spec.test_seed}): {bench}")
+                torch.set_num_threads(1)  # tiny models: one thread beats two fighting over small kernels
+                t1 = time.time()
+                runs.append(_evaluate_seed(zoo, bench, rows_wanted, f"seed {sp.seed} ({k + 1}/{seeds})"))
+                timings["eval_s"] += time.time() - t1
+                torch.set_num_threads(threads)
+            timings["total_s"] = time.time() - t0
+            return _summarise(out_dir, spec, runs, echo, timings)
         finally:
             torch.set_num_threads(threads)
 
@@ -137,68 +154,190 @@ def prune_stale_composites(zoo: str, current: str) -> List[str]:
     return stale
 
 
-def _compose_and_evaluate(out_dir, spec, zoo, bench, echo, rows_wanted, timings, t0) -> dict:
+def _correct(r: "EvalResult") -> Dict[str, List[int]]:
+    """subset -> 1/0 per question, in question-id order (the same order in every seed's benchmark)."""
+    out: Dict[str, List[int]] = {}
+    for p in sorted(r.predictions, key=lambda p: p["id"]):
+        out.setdefault(p["subset"], []).append(int(p["correct"]))
+    return out
+
+
+def _evaluate_seed(zoo: str, bench: str, rows_wanted: Optional[List[str]], label: str) -> dict:
+    """One zoo: each source alone, every composite of COMPOSITES (and the tuned DAMC one), the
+    shuffled-media control. Returns per-question correctness per row, results, composite paths."""
     from tqdm.auto import tqdm
 
-    from mergekit_multimodal.evaluation import evaluate, plot_results
+    from mergekit_multimodal.evaluation import evaluate
 
-    ask = dict(template=TEMPLATE, answer_with="choice", progress=False)
-    table: Dict[str, Dict[str, object]] = {}
+    correct: Dict[str, Dict[str, List[int]]] = {"sources": {}}
     results: Dict[str, dict] = {}
-    plotted: List[EvalResult] = []
-    t1 = time.time()
-    own_results = {}
-    for m in tqdm(data.MODALITIES, desc="2/3 evaluate each source alone"):
+    plotted: Dict[str, "EvalResult"] = {}
+    for m in tqdm(data.MODALITIES, desc=f"{label} 2/3 evaluate each source alone"):
         r = evaluate(os.path.join(zoo, m), bench, modality=m, subsets=[m],
-                     cache_dir=os.path.join(zoo, f"sources-{code_hash()}"),
-                     name=f"source {m}", **ask)
-        own_results[m] = r
+                     cache_dir=os.path.join(zoo, f"sources-{code_hash()}"), name=f"source {m}", **ASK)
         results[f"source {m}"] = r.to_dict(predictions=True)
-        table[f"source {m}"] = {m: r.subsets[m].accuracy}
-    own_src = {m: table[f"source {m}"][m] for m in data.MODALITIES}
-    plotted.append(_sources_row(own_results))
+        correct["sources"].update(_correct(r))
     rows = [r for r in COMPOSITES if rows_wanted is None or r[0] in rows_wanted]
+    rows += [r for r in TUNED if rows_wanted is None or r[0] in rows_wanted]
     paths = {}
-    for name, method, params, per_source, route, suffix in tqdm(rows, desc="3/3 compose + evaluate"):
-        own = own_src
-        if suffix:  # decoupled sources: retention against each one alone (a one-source composite of it)
-            alone = {m: evaluate(compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix,
-                                                                            [m])),
-                                 bench, subsets=[m], route=route, name=f"{name} source {m}", **ask)
-                     for m in data.MODALITIES}
-            own = {m: r.subsets[m].accuracy for m, r in alone.items()}
-            table[f"{name} sources"] = dict(own)
-            results[f"{name} sources"] = {m: r.to_dict(predictions=True) for m, r in alone.items()}
-        path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix))
+    for name, method, params, per_source, route, suffix in tqdm(rows, desc=f"{label} 3/3 compose + evaluate"):
+        if suffix and f"{method} sources" not in correct:  # decoupled sources: each alone, a one-source composite
+            correct[f"{method} sources"] = {}
+            results[f"{method} sources"] = {}
+            for m in data.MODALITIES:
+                r = evaluate(compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, [m])),
+                             bench, subsets=[m], route=route, name=f"{name} source {m}", **ASK)
+                correct[f"{method} sources"].update(_correct(r))
+                results[f"{method} sources"][m] = r.to_dict(predictions=True)
+        cfg = composite_config(zoo, method, params, per_source, suffix)
+        if name in (r[0] for r in TUNED):
+            cfg = tuned_config(zoo, cfg)
+        path = compose_cached(zoo, cfg)
         paths[name] = (path, route)
-        r = evaluate(path, bench, route=route, name=name, **ask)
-        plotted.append(r)
+        r = evaluate(path, bench, route=route, name=name, **ASK)
+        plotted[name] = r
         results[name] = {**r.to_dict(predictions=True), "composite": path}
-        acc = {s: v.accuracy for s, v in r.subsets.items()}
-        ret = [acc[m] / own[m] for m in data.MODALITIES if own[m] > 0]
-        table[name] = {**acc, "retention": sum(ret) / len(ret) if ret else None}
+        correct[name] = _correct(r)
     if CONTROL in paths:  # the same composite and questions, each question shown another question's media
         path, route = paths[CONTROL]
         name = f"{CONTROL}, media shuffled"
-        r = evaluate(path, shuffled_media_benchmark(bench), route=route, name=name, **ask)
-        plotted.append(r)
+        r = evaluate(path, shuffled_media_benchmark(bench), route=route, name=name, **ASK)
+        plotted[name] = r
         results[name] = {**r.to_dict(predictions=True), "composite": path}
-        table[name] = {s: v.accuracy for s, v in r.subsets.items()}
-    timings["eval_s"] = time.time() - t1
-    timings["total_s"] = time.time() - t0
+        correct[name] = _correct(r)
+    return {"zoo": zoo, "benchmark": bench, "correct": correct, "results": results, "paths": paths,
+            "plotted": plotted}
+
+
+def tuned_config(zoo: str, cfg: dict) -> dict:
+    """DAMC's lambda_i chosen by `mergekit-mm-tune`'s search (tune.tune, coordinate descent over its
+    default candidates, one round) on the validation split bench-val/; the choice is cached in the zoo."""
+    from mergekit_multimodal.evaluation import evaluate_accuracy
+    from mergekit_multimodal.tune import apply_values, tune
+
+    cached = os.path.join(zoo, f"composites-{code_hash()}", f"{cfg['merge_method']}-tuned.json")
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        val = os.path.join(zoo, "bench-val")
+        ask = {k: v for k, v in ASK.items() if k != "progress"}
+        res = tune(cfg, lambda d: evaluate_accuracy(d, val, **ask), strategy="coordinate", max_rounds=1,
+                   workdir=os.path.dirname(cached), progress=False)
+        with open(cached, "w", encoding="utf-8") as f:
+            json.dump({"best": res.best, "val_accuracy": res.best_score, "trials": res.trials}, f)
+    with open(cached, encoding="utf-8") as f:
+        return apply_values(cfg, json.load(f)["best"])
+
+
+def _summarise(out_dir: str, spec: ZooSpec, runs: List[dict], echo, timings: dict) -> dict:
+    """Means and intervals over seeds and questions; the table, the plot, the JSON, the links."""
+    from mergekit_multimodal.evaluation import plot_results
+    from mergekit_multimodal.zoo import stats
+    from mergekit_multimodal.zoo.build import write_examples
+
+    correct = stats.stack([r["correct"] for r in runs])
+    plan = stats.draws(correct)
+    table: Dict[str, Dict[str, float]] = {}
+    intervals: Dict[str, Dict[str, List[float]]] = {}
+    for row, subsets in correct.items():
+        for s in subsets:
+            point, lo, hi = stats.estimate(correct, stats.accuracy(row, s), plan)
+            table.setdefault(row, {})[s] = point
+            intervals.setdefault(row, {})[s] = [lo, hi]
+        ref = _reference(row)
+        if ref in correct and row not in (ref, "damc sources") and "shuffled" not in row:
+            point, lo, hi = stats.estimate(correct, stats.retention(row, ref, OWN), plan)
+            table[row]["retention"], intervals[row]["retention"] = point, [lo, hi]
+    claims = _claims(correct, plan)
     cols = OWN + ["retention"] + COMMON
-    printable = {k: {c: v.get(c) for c in cols} for k, v in table.items()}
-    echo("\nAccuracy on the held-out test split (chance: 25%; retention = mean over modalities of "
-         "composite own-task accuracy / source own-task accuracy; damc: against the decoupled sources)")
-    echo(format_story_table(printable, cols))
-    plot_results(plotted, os.path.join(out_dir, "zoo-results.png"))
-    doc = {"zoo": zoo, "benchmark": bench, "spec": dataclasses.asdict(spec), "table": table, "results": results,
-           "timings": timings}
+    echo(f"\nAccuracy % on the held-out test split, mean [95% interval] over {len(runs)} seed(s) and the "
+         "questions (chance: 25%; retention = mean over modalities of composite own-task accuracy / source "
+         "own-task accuracy; damc rows: against the decoupled sources)")
+    echo(format_story_table({k: {c: (v[c], *intervals[k][c]) for c in cols if c in v} for k, v in table.items()},
+                            cols))
+    echo("\nClaims (difference or value, [95% interval]):")
+    for c in claims:
+        echo(f"  {c['claim']}: {stats.fmt(*c['value'])}  -> {'holds' if c['holds'] else 'NOT shown'} beyond the interval")
+    first = runs[0]["plotted"]
+    means = [_mean_row(n, {s: (table[n][s], sc.chance) for s, sc in r.subsets.items()}, r.benchmark)
+             for n, r in first.items()]
+    src = _mean_row("sources (own task)", {m: (table["sources"][m], 0.25) for m in OWN}, means[0].benchmark)
+    plot_results([src] + means, os.path.join(out_dir, "zoo-results.png"),
+                 intervals=[{m: intervals["sources"][m] for m in OWN}] + [intervals[r.name] for r in means])
+    examples = write_examples(os.path.join(out_dir, "examples"))
+    links = _link_composites(out_dir, runs[0]["paths"])
+    doc = {"zoo": runs[0]["zoo"], "benchmark": runs[0]["benchmark"], "spec": dataclasses.asdict(spec),
+           "seeds": [spec.seed + k for k in range(len(runs))], "table": table, "intervals": intervals,
+           "claims": claims, "interval_method": "two-level paired bootstrap over seeds and questions (zoo/stats.py)",
+           "results": runs[0]["results"], "per_seed": [{"zoo": r["zoo"], "correct": r["correct"]} for r in runs],
+           "composites": links, "examples": examples, "timings": timings}
     with open(os.path.join(out_dir, "zoo-results.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
-    echo(f"\nwrote {out_dir}/zoo-results.json, {out_dir}/zoo-results.png  ({timings['total_s']:.0f} s: zoo "
-         f"{timings['zoo_s']:.0f} s, compose + evaluate {timings['eval_s']:.0f} s)")
+    echo(f"\nwrote {out_dir}/zoo-results.json, {out_dir}/zoo-results.png, {out_dir}/composites/ (seed "
+         f"{spec.seed}'s), {out_dir}/examples/  ({timings['total_s']:.0f} s: zoo {timings['zoo_s']:.0f} s, "
+         f"compose + evaluate {timings['eval_s']:.0f} s)")
     return doc
+
+
+def _reference(row: str) -> str:
+    """The row a composite's retention is measured against: the decoupled sources for DAMC."""
+    return "damc sources" if row.startswith("damc") else "sources"
+
+
+def _claims(correct, plan) -> List[dict]:
+    """The comparisons the README states, each with its interval; `holds` when the interval clears 0
+    (a difference), or the threshold (MMER retention >= 99%; the control: its interval reaches chance)."""
+    from mergekit_multimodal.zoo import stats
+
+    out = []
+
+    def add(claim, stat, holds):
+        value = stats.estimate(correct, stat, plan)
+        out.append({"claim": claim, "value": list(value), "holds": bool(holds(*value))})
+
+    ret = {r: stats.retention(r, _reference(r), OWN) for r in correct if _reference(r) in correct
+           and r != _reference(r) and r not in ("damc sources",) and "shuffled" not in r}
+    if "mmer" in ret:
+        add("mmer retention >= 99%", ret["mmer"], lambda p, lo, hi: lo >= 0.99)
+    for other in ("naive_mc", "ties", "damc"):
+        if "mmer" in ret and other in ret:
+            add(f"mmer retention - {other} retention > 0", stats.difference(ret["mmer"], ret[other]),
+                lambda p, lo, hi: lo > 0)
+    for c in COMMON:
+        for row in ("mmer", "damc", "damc tuned"):
+            if row in correct and "naive_mc" in correct:
+                add(f"{row} - naive_mc on {c} > 0", stats.difference(stats.accuracy(row, c),
+                                                                       stats.accuracy("naive_mc", c)),
+                    lambda p, lo, hi: lo > 0)
+        for row in ("naive_mc", "mmer", "damc"):
+            if row in correct:
+                add(f"{row} on {c} > chance (25%)", stats.accuracy(row, c), lambda p, lo, hi: lo > 0.25)
+        if f"{CONTROL}, media shuffled" in correct:
+            add(f"{CONTROL}, media shuffled, on {c} not above chance", stats.accuracy(f"{CONTROL}, media shuffled", c),
+                lambda p, lo, hi: lo <= 0.25)
+    return out
+
+
+def _mean_row(name: str, subsets: Dict[str, tuple], benchmark: str) -> "EvalResult":
+    from mergekit_multimodal.evaluation import EvalResult, SubsetScore
+
+    scores = {s: SubsetScore(0, 0, acc, chance) for s, (acc, chance) in subsets.items()}
+    macro = sum(s.accuracy for s in scores.values()) / len(scores)
+    return EvalResult(model=name, benchmark=benchmark, name=name, subsets=scores, overall=macro, correct=0, total=0,
+                      macro=macro, predictions=[], seconds=0.0)
+
+
+def _link_composites(out_dir: str, paths: Dict[str, tuple]) -> Dict[str, str]:
+    """out_dir/composites/<row> -> the cached composite (symbolic links), for `mergekit-mm-run`."""
+    root = os.path.join(out_dir, "composites")
+    os.makedirs(root, exist_ok=True)
+    links = {}
+    for name, (path, _) in paths.items():
+        link = os.path.join(root, name.replace(" ", "-"))
+        if os.path.islink(link) or os.path.exists(link):
+            os.remove(link)
+        os.symlink(os.path.abspath(path), link)
+        links[name] = link
+    return links
 
 
 def shuffled_media_benchmark(bench: str, seed: int = 0) -> str:
@@ -227,35 +366,30 @@ def shuffled_media_benchmark(bench: str, seed: int = 0) -> str:
     return out
 
 
-def _sources_row(own: Dict[str, "EvalResult"]) -> "EvalResult":
-    """The four sources' own-task scores as one row of the plot."""
-    from mergekit_multimodal.evaluation import EvalResult
+def format_story_table(rows: Dict[str, Dict[str, tuple]], cols: List[str]) -> str:
+    """Models as rows (the evaluator's own table puts models in columns): cells (mean, low, high) as
+    percentages `mean [low, high]`, '-' where n/a."""
+    from mergekit_multimodal.zoo.stats import fmt
 
-    subsets = {m: r.subsets[m] for m, r in own.items()}
-    correct, total = sum(s.correct for s in subsets.values()), sum(s.total for s in subsets.values())
-    return EvalResult(model="sources", benchmark=next(iter(own.values())).benchmark, name="sources (own task)",
-                      subsets=subsets, overall=correct / total, correct=correct, total=total,
-                      macro=sum(s.accuracy for s in subsets.values()) / len(subsets), predictions=[], seconds=0.0)
-
-
-def format_story_table(rows: Dict[str, Dict[str, Optional[float]]], cols: List[str]) -> str:
-    """Models as rows (the evaluator's own table puts models in columns): percentages, '-' where n/a."""
     head = ["model"] + cols
-    body = [[name] + ["-" if v.get(c) is None else f"{100 * v[c]:.1f}%" for c in cols] for name, v in rows.items()]
+    body = [[name] + ["-" if v.get(c) is None else fmt(*v[c]) for c in cols] for name, v in rows.items()]
     widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+    fmt_row = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt_row(head), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in body])
 
 
 @click.command("mergekit-mm-zoo")
 @click.argument("out_dir", default="zoo-out")
 @click.option("--quick", is_flag=True, help="A smaller test split (40 questions a subset), as CI uses.")
+@click.option("--seeds", default=DEFAULT_SEEDS, show_default=True, type=click.IntRange(1),
+              help="Train and evaluate this many zoos (seeds 0..N-1): means and 95% intervals over seeds and questions.")
 @click.option("--cache", default=None, help="Zoo cache (default ~/.cache/mergekit-multimodal/zoo or $MERGEKIT_MM_ZOO_CACHE).")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error (also: MERGEKIT_MM_DEBUG=1)")
-def main(out_dir, quick, cache, debug):
+def main(out_dir, quick, seeds, cache, debug):
     """Build the tiny zoo, compose it with every method, evaluate, print the table and save the plot."""
     with cli_errors(exit_code=1, debug=debug):
-        run_story(out_dir, QUICK if quick else ZooSpec(), cache)
+        run_story(out_dir, QUICK if quick else ZooSpec(), cache, seeds=seeds)
 
 
 if __name__ == "__main__":

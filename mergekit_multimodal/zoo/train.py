@@ -111,7 +111,7 @@ def train_base(spec: ZooSpec, out_dir: str, progress: Optional[Callable[[int], N
         rows, labels = [], []
         for _ in range(spec.batch):
             p, a = data.text_example(rng)
-            pi, ai = tok(p)["input_ids"], tok(a)["input_ids"]
+            pi, ai = tok(p)["input_ids"], answer_ids(tok, a)
             ids = torch.tensor(pi + ai)
             rows.append(emb_fn(ids))
             labels.append(torch.tensor([-100] * len(pi) + ai))
@@ -128,7 +128,7 @@ def _processor(modality: str):
         s = data.IMAGE_SIZE
         return transformers.CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
     if modality == "audio":
-        return transformers.WhisperFeatureExtractor(feature_size=16, sampling_rate=data.SAMPLE_RATE, hop_length=500,
+        return transformers.WhisperFeatureExtractor(feature_size=32, sampling_rate=data.SAMPLE_RATE, hop_length=500,
                                          chunk_length=1, n_fft=400)
     return None
 
@@ -143,7 +143,7 @@ def _build_mllm(modality: str, spec: ZooSpec, base: transformers.LlamaForCausalL
         model = point_cloud.PointLlavaForConditionalGeneration(point_cloud.make_config(text, pid, hidden_size=h, num_points=data.POINTS), lm)
     else:
         enc = (dict(model_type="qwen2_audio_encoder", d_model=h, encoder_layers=2, encoder_attention_heads=2,
-                    encoder_ffn_dim=2 * h, num_mel_bins=16, max_source_positions=16) if modality == "audio" else
+                    encoder_ffn_dim=2 * h, num_mel_bins=32, max_source_positions=16) if modality == "audio" else
                transformers.CLIPVisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=data.IMAGE_SIZE, patch_size=14, projection_dim=h).to_dict())
         cfg = getattr(transformers, cfg_name)(text_config=text, **{enc_key: enc}, **{field: pid}, tie_word_embeddings=False)
@@ -210,7 +210,7 @@ def train_source(modality: str, spec: ZooSpec, base_dir: str, out_dir: str, offs
             for i, f in zip(idx, feats):
                 p, a = _example_for(pairs[i], placeholder, rng)
                 before, after = p.split(placeholder)
-                bi, ai, ans = tok(before)["input_ids"], tok(after)["input_ids"], tok(a)["input_ids"]
+                bi, ai, ans = tok(before)["input_ids"], tok(after)["input_ids"], answer_ids(tok, a)
                 rows.append(torch.cat([emb_fn(torch.tensor(bi)), f, emb_fn(torch.tensor(ai + ans))]))
                 labels.append(torch.tensor([-100] * (len(bi) + f.shape[0] + len(ai)) + ans))
             loss = _lm_loss(decoder, head, *_pad(rows, labels))
@@ -225,13 +225,18 @@ def train_source(modality: str, spec: ZooSpec, base_dir: str, out_dir: str, offs
         proc.save_pretrained(out_dir)
 
 
-def _example_for(p: Tuple[str, str], placeholder: str, rng: random.Random) -> Tuple[str, str]:
-    """A training question about a rendered input whose concepts are p."""
-    if rng.random() < 0.5:
-        return f"input 1 : {placeholder} . describe :", f" {p[0]} {p[1]}"
-    answer = rng.choice(p)
-    opts, letter = data.choices_with(answer, rng.sample([c for c in data.CONCEPTS if c not in p], 3), rng)
-    return data.prompt([placeholder], data.SINGLE_Q, opts), " " + answer
+def answer_ids(tok, answer: str) -> List[int]:
+    """An answer's token ids, then `</s>`: every zoo model learns to stop after its answer."""
+    return tok(answer)["input_ids"] + [tok.eos_token_id]
+
+
+def _example_for(p: Tuple[str, str], placeholder: str, rng: random.Random,
+                 kinds: Sequence[str] = ("appears", "first")) -> Tuple[str, str]:
+    """A training question about a rendered input whose concepts are p: describe it (not in the
+    forgetting fine-tune's `last` task), or a question of one of `kinds`, with choices or free-form."""
+    if "last" not in kinds and rng.random() < 0.3:
+        return data.describe([placeholder], p)
+    return data.example([placeholder], data.single_question(rng, rng.choice(kinds), p), rng)
 
 
 def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: str, out_dir: str, offset: int,
@@ -264,7 +269,7 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
         before, after = prompt.split(placeholder)
         batches.append({"prompt_ids": torch.tensor(tok(before)["input_ids"]), "features": f.detach(),
                         "after_ids": torch.tensor(tok(after)["input_ids"]),
-                        "target_ids": torch.tensor(tok(answer)["input_ids"])})
+                        "target_ids": torch.tensor(answer_ids(tok, answer))})
     llm = transformers.LlamaForCausalLM.from_pretrained(base_dir)
     trained = train_decoupled(llm, batches, modality=modality, rank=spec.damc_rank, alpha=2.0 * spec.damc_rank,
                               steps=spec.damc_steps, lr=spec.damc_lr, seed=seed, progress=progress or False)
