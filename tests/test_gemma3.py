@@ -1,0 +1,113 @@
+"""Gemma 3 (`Gemma3ForConditionalGeneration`) against the source class run with its own processor:
+the image sequence around the soft tokens, the bidirectional attention within an image, generation,
+both key layouts, and two Gemma 3 sources as two image routes (MMER retention: route m = source m)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from mergekit_multimodal import CompositionError, compose
+from mergekit_multimodal.methods.routes import iter_route
+from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
+from mergekit_multimodal.testing import build_tiny_family
+from tests.helpers import composite_config
+
+V0 = 96
+#: two images: the second image's soft tokens must see each other both ways, and not the first's
+OWN_PROMPT = "w1 w2 <start_of_image> w3 w4 <start_of_image> w5"
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    return build_tiny_family(tmp_path_factory.mktemp("gemma"), ("gemma3", "medgemma"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("img")
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (40, 33, 3), dtype=np.uint8), rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)]
+    paths = []
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(d / f"{i}.png")
+        paths.append(str(d / f"{i}.png"))
+    return paths, [Image.fromarray(a) for a in arrays]
+
+
+def source_run(path, pil, load_weights=None):
+    """The source class on its own processor's inputs for OWN_PROMPT (its LLM weights replaced first
+    by `load_weights`, if given)."""
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(path).eval()
+    if load_weights:
+        load_weights(model)
+    batch = transformers.AutoProcessor.from_pretrained(path)(text=OWN_PROMPT, images=[pil], return_tensors="pt")
+    return model, batch
+
+
+@pytest.mark.parametrize("layout", ["legacy", "hf5"])
+@pytest.mark.parametrize("marker", ["<image>", "<start_of_image>"])
+def test_two_images_reproduce_the_source_with_its_bidirectional_attention(gemma, images, tmp_path, layout, marker):
+    fam = gemma if layout == "legacy" else build_tiny_family(tmp_path / "f", ("gemma3",), layout="hf5")
+    out = compose(composite_config(fam, "mmer", ["gemma3"]), str(tmp_path / "c"))
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    inputs = proc(OWN_PROMPT.replace("<start_of_image>", marker), images=images[0])
+    with torch.no_grad():
+        got = model(**inputs).logits
+    source, batch = source_run(fam.sources["gemma3"], images[1])
+    with torch.no_grad():
+        want = source(**batch).logits
+        causal = source(**{k: v for k, v in batch.items() if k != "token_type_ids"}).logits
+    assert got.shape == want.shape
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+    assert (causal - want).abs().max() > 1e-2  # the bidirectional mask matters here: this test can fail
+
+
+def test_generation_equals_the_sources_greedy_decoding(gemma, images, tmp_path):
+    out = compose(composite_config(gemma, "mmer", ["gemma3"]), str(tmp_path / "c"))
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    greedy = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    got = model.generate(**proc(OWN_PROMPT, images=images[0]), suppress_tokens=list(range(V0, 99)), **greedy)
+    source, batch = source_run(gemma.sources["gemma3"], images[1])
+    want = source.generate(**batch, suppress_tokens=list(range(V0, 99)), **greedy)
+    assert torch.equal(got.sequences[0, -4:], want.sequences[0, -4:])
+    torch.testing.assert_close(got.scores[0][..., :V0], want.scores[0][..., :V0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("route", ["image", "image_med"])
+def test_route_m_of_two_gemma3_sources_is_source_m(gemma, images, tmp_path, route):
+    """Gemma 3 and its fine-tune on a new task as two image routes: under route(m), an image prompt
+    runs as the source class whose LLM weights are route m's (iter_route)."""
+    out = compose(composite_config(gemma, "mmer", ["gemma3", "medgemma"]), str(tmp_path / "c"))
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    kind = {"image": "gemma3", "image_med": "medgemma"}[route]
+
+    def route_weights(src):
+        with torch.no_grad():
+            for name, w in iter_route(out, route):
+                p = src.get_output_embeddings().weight if name == "lm_head.weight" else \
+                    src.get_decoder().get_parameter(name[len("model."):])
+                p[:min(p.shape[0], w.shape[0])].copy_(w[:p.shape[0]])
+
+    prompt = OWN_PROMPT.replace("<start_of_image>", f"<{route}>")
+    with pytest.raises(CompositionError, match="ambiguous: 2 modalities take images"):
+        proc(OWN_PROMPT.replace("<start_of_image>", "<image_x>").replace("<image_x>", "<image>"), images=images[0])
+    with torch.no_grad(), model.route(route):
+        got = model(**proc(prompt, media={route: images[0]})).logits
+    source, batch = source_run(gemma.sources[kind], images[1], route_weights)
+    with torch.no_grad():
+        want = source(**batch).logits
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+def test_pan_and_scan_is_refused_naming_the_file(gemma, tmp_path):
+    out = compose(composite_config(gemma, "mmer", ["gemma3"]), str(tmp_path / "c"))
+    cfg = tmp_path / "c" / "modalities" / "image" / "processor_config.json"
+    stored = json.loads(cfg.read_text())
+    stored["image_processor"]["do_pan_and_scan"] = True
+    cfg.write_text(json.dumps(stored))
+    with pytest.raises(CompositionError, match=r"processor_config.json: do_pan_and_scan is true"):
+        CompositeProcessor.from_pretrained(out)
