@@ -23,6 +23,8 @@ CLASSES = {
     "llava_next": T.LlavaNextForConditionalGeneration,
     "gemma3": T.Gemma3ForConditionalGeneration,
     "medgemma": T.Gemma3ForConditionalGeneration,
+    "llava_onevision": T.LlavaOnevisionForConditionalGeneration,
+    "llava_video": T.LlavaOnevisionForConditionalGeneration,
 }
 # non-LM top-level prefixes of the legacy layout, as in the published checkpoints
 ENCODERS = {
@@ -35,6 +37,8 @@ ENCODERS = {
     "llava_next": {"vision_tower", "multi_modal_projector", "image_newline"},
     "gemma3": {"vision_tower", "multi_modal_projector"},
     "medgemma": {"vision_tower", "multi_modal_projector"},
+    "llava_onevision": {"vision_tower", "multi_modal_projector", "image_newline"},
+    "llava_video": {"vision_tower", "multi_modal_projector", "image_newline"},
 }
 # placeholder config field -> token, and the expected text vocab (96 + added, llava padded to 8)
 PLACEHOLDERS = {
@@ -48,6 +52,8 @@ PLACEHOLDERS = {
     # + <start_of_image>, <end_of_image> around the soft tokens, as Gemma 3's tokenizer has
     "gemma3": ({"image_token_index": "<image_soft_token>", "boi_token_index": "<start_of_image>"}, 99),
     "medgemma": ({"image_token_index": "<image_soft_token>", "boi_token_index": "<start_of_image>"}, 99),
+    "llava_onevision": ({"image_token_index": "<image>", "video_token_index": "<video>"}, 98),
+    "llava_video": ({"image_token_index": "<image>", "video_token_index": "<video>"}, 98),
 }
 #: stand-ins grouped by the text model they need (Gemma 3's own; the others share the default base)
 GROUPS = {}

@@ -78,8 +78,9 @@ def marker_kinds() -> Dict[str, str]:
 
 
 def tiny_sources() -> Dict[str, Tuple[Family, TinySource]]:
-    """Every family's tiny stand-ins by name, in seed order (tests and the example build them)."""
-    items = [(name, (fam, t)) for fam in FAMILIES for name, t in fam.tiny.items()]
+    """Every family's tiny stand-ins by name, in seed order (tests and the example build them), each
+    with its family as it runs under the stand-in's modality (LLaVA-Video: the video variant)."""
+    items = [(name, (fam.for_modality(t.modality), t)) for fam in FAMILIES for name, t in fam.tiny.items()]
     return dict(sorted(items, key=lambda kv: kv[1][1].seed))
 
 
