@@ -22,8 +22,8 @@ OWN_PROMPT = "w1 w2 <start_of_image> w3 w4 <start_of_image> w5"
 
 
 @pytest.fixture(scope="module")
-def gemma(tmp_path_factory):
-    return build_tiny_family(tmp_path_factory.mktemp("gemma"), ("gemma3", "medgemma"))
+def gemma(gemma_family):
+    return gemma_family
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,28 @@ def test_pan_and_scan_is_refused_naming_the_file(gemma, tmp_path):
     cfg.write_text(json.dumps(stored))
     with pytest.raises(CompositionError, match=r"processor_config.json: do_pan_and_scan is true"):
         CompositeProcessor.from_pretrained(out)
+
+
+def test_cli_route_choice_and_prepended_item_text(gemma, images, tmp_path):
+    """`mergekit-mm-run --route image_med`: a prompt without a marker gets the modality's whole item
+    text (Gemma's <start_of_image> ... <end_of_image>), the same answer as the marker written out;
+    the answer is route image_med's greedy decoding as the Python API gives it."""
+    from click.testing import CliRunner
+
+    from mergekit_multimodal.run import main
+
+    out = compose(composite_config(gemma, "mmer", ["gemma3", "medgemma"]), str(tmp_path / "c"))
+    common = [out, "--media", f"image_med={images[0][0]}", "--route", "image_med", "--device", "cpu",
+              "--max-new-tokens", "3"]
+    bare = CliRunner().invoke(main, [*common, "w5 w6"])
+    marked = CliRunner().invoke(main, [*common, "<image_med> w5 w6"])
+    assert bare.exit_code == 0 and marked.exit_code == 0, bare.output + marked.output
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    with model.route("image_med"):
+        new = model.generate(**proc("<image_med> w5 w6", media={"image_med": [images[0][0]]}), max_new_tokens=3,
+                             do_sample=False)
+    want = proc.decode(new[0], skip_special_tokens=True).strip()
+    assert want and bare.stdout.strip() == marked.stdout.strip() == want
+    ambiguous = CliRunner().invoke(main, [out, "--image", images[0][0], "--device", "cpu", "w5"])
+    assert ambiguous.exit_code != 0 and "2 modalities take images" in ambiguous.output
+    assert "image (image), image_med (image)" in ambiguous.output

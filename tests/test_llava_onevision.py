@@ -15,7 +15,6 @@ from PIL import Image
 from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
-from mergekit_multimodal.testing import build_tiny_family
 from tests.helpers import composite_config
 
 V0 = 96
@@ -23,8 +22,8 @@ MEAN, STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954,
 
 
 @pytest.fixture(scope="module")
-def ov(tmp_path_factory):
-    return build_tiny_family(tmp_path_factory.mktemp("ov"), ("llava_onevision", "llava_video"))
+def ov(onevision_family):
+    return onevision_family
 
 
 @pytest.fixture(scope="module")
