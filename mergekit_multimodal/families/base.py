@@ -123,6 +123,9 @@ class Family:
     #: merged LLM takes, for a family whose source does not attend causally among an item's features
     #: (Gemma 3: bidirectionally within each image); media_mask is 1 at those features' positions
     llm_mask: Optional[Callable] = None
+    #: why checkpoints of these classes cannot be composed and what would be needed (Llama-3.2-Vision);
+    #: reading one is an error saying so
+    refused: Optional[str] = None
 
     def for_modality(self, modality: Optional[str]) -> "Family":
         """The family as it runs under this modality name (itself, or a declared variant)."""
