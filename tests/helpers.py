@@ -2,13 +2,14 @@
 them, and independent readers of what a merge wrote (fixtures are in conftest.py)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mergekit_multimodal.families import tiny_sources
-from mergekit_multimodal.testing import EXAMPLE_KINDS
+from mergekit_multimodal.testing import EXAMPLE_KINDS, TinyFamily, _rewrite_checkpoint
 
 KINDS = EXAMPLE_KINDS
 #: tiny stand-in -> the modality name tests give it, and a placeholder where its own is taken
@@ -59,3 +60,15 @@ def llm_of(tensors: dict) -> dict:
 
 def f64(t: torch.Tensor):
     return t.double().numpy()
+
+
+def released(fam, kinds, rename, root) -> TinyFamily:
+    """Copies of the stand-ins with keys starting rename[0] renamed to start rename[1]: the layout the
+    released checkpoints have where transformers writes another (Gemma 3's `vision_tower.vision_model.`)."""
+    sources = {}
+    for k in kinds:
+        sources[k] = Path(root) / k
+        shutil.copytree(fam.sources[k], sources[k])
+        _rewrite_checkpoint(sources[k], lambda key, t: (rename[1] + key[len(rename[0]):]
+                                                        if key.startswith(rename[0]) else key, t))
+    return TinyFamily(base=fam.base, sources=sources, vocab_size=fam.vocab_size)

@@ -14,7 +14,7 @@ from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import build_tiny_family
-from tests.helpers import composite_config
+from tests.helpers import composite_config, released
 
 V0 = 96
 #: two images: the second image's soft tokens must see each other both ways, and not the first's
@@ -48,10 +48,12 @@ def source_run(path, pil, load_weights=None):
     return model, batch
 
 
-@pytest.mark.parametrize("layout", ["legacy", "hf5"])
+@pytest.mark.parametrize("layout", ["legacy", "hf5", "released"])  # released: vision_tower.vision_model.*
 @pytest.mark.parametrize("marker", ["<image>", "<start_of_image>"])
 def test_two_images_reproduce_the_source_with_its_bidirectional_attention(gemma, images, tmp_path, layout, marker):
-    fam = gemma if layout == "legacy" else build_tiny_family(tmp_path / "f", ("gemma3",), layout="hf5")
+    fam = {"legacy": lambda: gemma, "hf5": lambda: build_tiny_family(tmp_path / "f", ("gemma3",), layout="hf5"),
+           "released": lambda: released(gemma, ["gemma3"], ("vision_tower.", "vision_tower.vision_model."),
+                                        tmp_path / "f")}[layout]()
     out = compose(composite_config(fam, "mmer", ["gemma3"]), str(tmp_path / "c"))
     proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
     inputs = proc(OWN_PROMPT.replace("<start_of_image>", marker), images=images[0])
