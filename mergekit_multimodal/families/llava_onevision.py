@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
-
-import torch
+from typing import Any, Dict, Optional
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import tiny
 from mergekit_multimodal.families.base import Encoder, Family, TinySource
-from mergekit_multimodal.runtime.media import load_video, sample_frames
+from mergekit_multimodal.runtime import preprocess
 from mergekit_multimodal.runtime.preprocess import ImagePreprocessor, quiet
 
 
@@ -48,11 +46,12 @@ _VIDEO_KEYS = ("size", "resample", "rescale_factor", "image_mean", "image_std", 
                "do_normalize", "do_convert_rgb")
 
 
-class VideoPreprocessor:
+class VideoPreprocessor(preprocess.VideoPreprocessor):
     """Videos -> `pixel_values_videos` [videos, frames, 3, H, W], frame by frame as the source's
-    video processor computes them (see the module docstring)."""
+    video processor computes them (see the module docstring): the generic video preprocessor with
+    the video processor's steps in place of the source's image processor."""
 
-    def __init__(self, directory: str, num_frames: Optional[int] = None):
+    def __init__(self, directory: str, num_frames: Optional[int] = None):  # not super().__init__: no image processor to load
         import transformers
         from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
@@ -75,15 +74,6 @@ class VideoPreprocessor:
         self.num_frames = num_frames or stored.get("num_frames")
         self.processor = quiet(transformers.SiglipImageProcessor, **{k: (list(v) if isinstance(v, tuple) else v)
                                                                      for k, v in settings.items()})
-
-    def __call__(self, items: Sequence[Any]) -> Dict[str, torch.Tensor]:
-        videos = [sample_frames(load_video(i), self.num_frames) for i in items]
-        counts = sorted({len(v) for v in videos})
-        if len(counts) > 1:
-            raise CompositionError(f"videos in one call must have the same number of frames, got {counts}; "
-                                   f"pass num_frames= to CompositeProcessor to sample them to one count")
-        pixels = [quiet(self.processor, images=list(v), return_tensors="pt")["pixel_values"] for v in videos]
-        return {"pixel_values_videos": torch.stack(pixels)}
 
 
 SIDE = 2 * tiny.IMAGE_SIZE  # 56 px: 4x4 patches, pooled 2x2 per video frame
