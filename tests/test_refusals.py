@@ -41,3 +41,11 @@ def test_an_unknown_architecture_names_the_file_and_class(family, tmp_path):
     with pytest.raises(CompositionError, match=rf"\({src}/config.json\): unknown architecture "
                                                r"'FooForConditionalGeneration'\. Known: .*Gemma3ForConditional"):
         compose(config, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("arch", ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
+def test_qwen2_vl_is_refused_saying_what_reading_it_needs(family, tmp_path, arch):
+    config, src = _as_architecture(family, tmp_path, arch)
+    with pytest.raises(CompositionError, match=rf"\({src}/config.json\): {arch} cannot be composed: .*mrope.*"
+                                               r"Reading them needs a loader for the text model"):
+        compose(config, str(tmp_path / "out"))
