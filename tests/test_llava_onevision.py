@@ -91,3 +91,15 @@ def test_a_cropping_video_config_is_refused_naming_the_file(composite, tmp_path)
     cfg.write_text(json.dumps({"size": {"shortest_edge": 56}}))
     with pytest.raises(CompositionError, match=r"video_preprocessor_config.json: size must be"):
         CompositeProcessor.from_pretrained(str(out))
+
+
+def test_two_images_in_one_prompt_are_refused(composite, tmp_path):
+    """The source lays several images of one prompt out without tiles; the composite tiles each, so
+    it refuses rather than run them differently. One image per prompt across a batch is fine."""
+    Image.fromarray(frames()[0]).save(tmp_path / "x.png")
+    proc, model = CompositeProcessor.from_pretrained(composite), CompositeModel.from_pretrained(composite)
+    with pytest.raises(CompositionError, match=r"modality 'image' \(llava_onevision\): a prompt holds 2 image items"):
+        model(**proc("w1 <image> w2 <image>", images=[tmp_path / "x.png"] * 2))
+    batch = proc(["w1 <image> w2", "w3 <image>"], images=[tmp_path / "x.png"] * 2)
+    with torch.no_grad():
+        assert model(**batch).logits.shape[0] == 2

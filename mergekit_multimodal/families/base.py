@@ -126,6 +126,9 @@ class Family:
     #: why checkpoints of these classes cannot be composed and what would be needed (Llama-3.2-Vision);
     #: reading one is an error saying so
     refused: Optional[str] = None
+    #: the most items of its modality one prompt may hold, where the source lays more out otherwise
+    #: (LLaVA-OneVision stops tiling images when a prompt holds several): more is an error
+    items_per_prompt: Optional[int] = None
 
     def for_modality(self, modality: Optional[str]) -> "Family":
         """The family as it runs under this modality name (itself, or a declared variant)."""

@@ -112,6 +112,7 @@ _IMAGE = Family(
     pipeline_tag="image-text-to-text",
     encoder=Encoder(features, ("pixel_values", "image_sizes")),
     preprocessor=ImagePreprocessor,
+    items_per_prompt=1,  # several images in one prompt: its processor drops the tiles, its forward too
     tiny={
         "llava_onevision": TinySource(
             "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", "vision_config", _tiny_encoder,
@@ -127,4 +128,4 @@ _IMAGE = Family(
 
 FAMILY = dataclasses.replace(_IMAGE, variants={"video": dataclasses.replace(
     _IMAGE, kind="video", pipeline_tag="video-text-to-text", encoder=Encoder(features, ("pixel_values_videos",)),
-    preprocessor=VideoPreprocessor, tiny={})})
+    preprocessor=VideoPreprocessor, items_per_prompt=None, tiny={})})

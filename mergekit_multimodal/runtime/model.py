@@ -93,6 +93,9 @@ class CompositeModel(nn.Module):
             raise CompositionError(f"{path}: modalities {sorted(self.masked)} come from families with different "
                                    f"attention masks over their features; one composite can apply only one")
         self.llm_mask = fns.pop() if fns else None
+        limits = {m: get_family(manifest.modalities[m].family, path, modality=m).items_per_prompt
+                  for m in self.modalities}
+        self.item_limits = {m: n for m, n in limits.items() if n is not None}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -213,6 +216,13 @@ class CompositeModel(nn.Module):
         embed = self._embed
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        for m, limit in self.item_limits.items():
+            most = int(((input_ids == self.placeholder_ids[m]) & attention_mask.bool()).sum(-1).max())
+            if most > limit:
+                raise CompositionError(
+                    f"modality {m!r} ({self.manifest.modalities[m].family}): a prompt holds {most} {m} items; its "
+                    f"source lays out more than {limit} per prompt differently from one, which the composite does not "
+                    f"reproduce. Put at most {limit} per prompt (docs/runtime.md)")
         rows, routes, owns = [], [], []
         cursor = {m: 0 for m in feats}
         for b in range(input_ids.shape[0]):
