@@ -14,7 +14,7 @@ from mergekit_multimodal import CompositionError, compose
 from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import build_tiny_family
-from tests.helpers import composite_config, released
+from tests.helpers import composite_config, read_dir, released
 
 V0 = 96
 #: two images: the second image's soft tokens must see each other both ways, and not the first's
@@ -138,3 +138,37 @@ def test_cli_route_choice_and_prepended_item_text(gemma, images, tmp_path):
     ambiguous = CliRunner().invoke(main, [out, "--image", images[0][0], "--device", "cpu", "w5"])
     assert ambiguous.exit_code != 0 and "2 modalities take images" in ambiguous.output
     assert "image (image), image_med (image)" in ambiguous.output
+
+
+def test_tied_embeddings_and_left_padding(images, tmp_path):
+    """Gemma 3 ships tied embeddings: route(m) of a tied two-source composite is still source m (its
+    head follows the embedding's delta, unscaled, while the input rows are scaled); and a left-padded
+    row of a batch scores as it does alone (the padding enters Gemma's own masks)."""
+    fam = build_tiny_family(tmp_path / "f", ("gemma3", "medgemma"), tie_word_embeddings=True)
+    assert not any("lm_head" in k for k in read_dir(fam.sources["gemma3"]))
+    out = compose(composite_config(fam, "mmer", ["gemma3", "medgemma"]), str(tmp_path / "c"))
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+
+    def route_weights(src):
+        with torch.no_grad():
+            for name, w in iter_route(out, "image_med"):
+                if name != "lm_head.weight":  # tied: the head is the embedding
+                    p = src.get_decoder().get_parameter(name[len("model."):])
+                    p[:min(p.shape[0], w.shape[0])].copy_(w[:p.shape[0]])
+
+    with torch.no_grad(), model.route("image_med"):
+        got = model(**proc(OWN_PROMPT.replace("<start_of_image>", "<image_med>"),
+                           media={"image_med": images[0]})).logits
+    source, batch = source_run(fam.sources["medgemma"], images[1], route_weights)
+    with torch.no_grad():
+        want = source(**batch).logits
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+    one = "w1 <image_med> w2 w3 <image_med> w4"
+    batch = proc([one, "w5 <image_med>"], media={"image_med": images[0] + images[0][:1]})
+    alone = proc(one, media={"image_med": images[0]})
+    assert batch["attention_mask"][1, 0] == 0  # the short row is left-padded
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits[0], model(**alone).logits[0], rtol=1e-4, atol=1e-4)
+        short = model(**proc("w5 <image_med>", media={"image_med": images[0][:1]})).logits[0]
+        torch.testing.assert_close(model(**batch).logits[1, -short.shape[0]:], short, rtol=1e-4, atol=1e-4)
