@@ -72,3 +72,17 @@ def released(fam, kinds, rename, root) -> TinyFamily:
         _rewrite_checkpoint(sources[k], lambda key, t: (rename[1] + key[len(rename[0]):]
                                                         if key.startswith(rename[0]) else key, t))
     return TinyFamily(base=fam.base, sources=sources, vocab_size=fam.vocab_size)
+
+
+def load_route_weights(src, composite, route, *, head=True):
+    """Put route `route`'s LLM weights (iter_route) into a source model, on the rows both share;
+    head=False leaves a tied head to follow the embedding."""
+    from mergekit_multimodal.methods.routes import iter_route
+
+    with torch.no_grad():
+        for name, w in iter_route(composite, route):
+            if name == "lm_head.weight" and not head:
+                continue
+            p = src.get_output_embeddings().weight if name == "lm_head.weight" else \
+                src.get_decoder().get_parameter(name[len("model."):])
+            p[:min(p.shape[0], w.shape[0])].copy_(w[:p.shape[0]])

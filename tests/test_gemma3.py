@@ -11,10 +11,9 @@ import transformers
 from PIL import Image
 
 from mergekit_multimodal import CompositionError, compose
-from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import build_tiny_family
-from tests.helpers import composite_config, read_dir, released
+from tests.helpers import composite_config, load_route_weights, read_dir, released
 
 V0 = 96
 #: two images: the second image's soft tokens must see each other both ways, and not the first's
@@ -88,15 +87,15 @@ def test_route_m_of_two_gemma3_sources_is_source_m(gemma, images, tmp_path, rout
     kind = {"image": "gemma3", "image_med": "medgemma"}[route]
 
     def route_weights(src):
-        with torch.no_grad():
-            for name, w in iter_route(out, route):
-                p = src.get_output_embeddings().weight if name == "lm_head.weight" else \
-                    src.get_decoder().get_parameter(name[len("model."):])
-                p[:min(p.shape[0], w.shape[0])].copy_(w[:p.shape[0]])
+        load_route_weights(src, out, route)
 
     prompt = OWN_PROMPT.replace("<start_of_image>", f"<{route}>")
     with pytest.raises(CompositionError, match="ambiguous: 2 modalities take images"):
-        proc(OWN_PROMPT.replace("<start_of_image>", "<image_x>").replace("<image_x>", "<image>"), images=images[0])
+        proc(OWN_PROMPT.replace("<start_of_image>", "<image>"), images=images[0])  # which image route?
+    # the marker <image> names the modality called `image` (a name before a kind); `<image_med>` the other
+    assert proc.expand_markers("<image> <image_med>") == (
+        "\n\n<start_of_image><image_soft_token><end_of_image>\n\n \n\n<start_of_image><image_med_soft_token>"
+        "<end_of_image>\n\n")
     with torch.no_grad(), model.route(route):
         got = model(**proc(prompt, media={route: images[0]})).logits
     source, batch = source_run(gemma.sources[kind], images[1], route_weights)
@@ -149,12 +148,8 @@ def test_tied_embeddings_and_left_padding(images, tmp_path):
     out = compose(composite_config(fam, "mmer", ["gemma3", "medgemma"]), str(tmp_path / "c"))
     proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
 
-    def route_weights(src):
-        with torch.no_grad():
-            for name, w in iter_route(out, "image_med"):
-                if name != "lm_head.weight":  # tied: the head is the embedding
-                    p = src.get_decoder().get_parameter(name[len("model."):])
-                    p[:min(p.shape[0], w.shape[0])].copy_(w[:p.shape[0]])
+    def route_weights(src):  # tied: the head is the embedding
+        load_route_weights(src, out, "image_med", head=False)
 
     with torch.no_grad(), model.route("image_med"):
         got = model(**proc(OWN_PROMPT.replace("<start_of_image>", "<image_med>"),

@@ -13,9 +13,8 @@ import transformers
 from PIL import Image
 
 from mergekit_multimodal import CompositionError, compose
-from mergekit_multimodal.methods.routes import iter_route
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
-from tests.helpers import composite_config
+from tests.helpers import composite_config, load_route_weights
 
 V0 = 96
 MEAN, STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
@@ -64,11 +63,7 @@ def test_route_m_is_its_source_class_on_route_m_weights(ov, composite, tmp_path,
     with torch.no_grad(), model.route(route):
         got = model(**inputs).logits
     src = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(ov.sources[kind]).eval()
-    with torch.no_grad():
-        for name, w in iter_route(composite, route):
-            p = src.get_output_embeddings().weight if name == "lm_head.weight" else \
-                src.get_decoder().get_parameter(name[len("model."):])
-            p[:min(p.shape[0], w.shape[0])].copy_(w[:p.shape[0]])
+    load_route_weights(src, composite, route)
     n = model.encoders[route].features(inputs["media"][route])[0].shape[0]
     token = "<image>" if route == "image" else "<video>"
     ids = transformers.AutoTokenizer.from_pretrained(ov.sources[kind])(
