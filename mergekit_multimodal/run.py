@@ -55,8 +55,10 @@ def answer(composite: str, prompt: str, media: Sequence[Tuple[str, str]] = (), *
     by_modality: Dict[str, List[str]] = {}
     for m, p in items:
         by_modality.setdefault(m, []).append(p)
-    if items and not any(proc.placeholders[m] in proc.expand_markers(prompt) for m in proc.modalities):  # <audio> too
-        prompt = " ".join(proc.placeholders[m] for m, _ in items if m in proc.placeholders) + " " + prompt
+    # markers count as placeholders (`<image_med>`), and a prepended one is a marker, so a family
+    # that wraps its items (Gemma 3's <start_of_image> ...) gets its whole item text
+    if items and not any(proc.placeholders[m] in proc.expand_markers(prompt) for m in proc.modalities):
+        prompt = " ".join(f"<{m}>" for m, _ in items if m in proc.placeholders) + " " + prompt
     inputs = proc(prompt, media=by_modality)  # checks files and placeholders before the model loads
     model = CompositeModel.from_pretrained(composite, torch_dtype=torch_dtype, device=device, route_cache=route_cache)
     with model.route(resolve_route(route, model.manifest, by_modality)):

@@ -16,6 +16,7 @@ config its real checkpoint ships (``preprocessor_config.json``), sized for the t
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -46,23 +47,47 @@ class TinyFamily:
     vocab_size: int  # base vocabulary size V0 (rows of base embed_tokens)
 
 
-def _tokenizer(added=(), pad=None) -> transformers.PreTrainedTokenizerFast:
-    """Word-level base tokenizer; sources append their special tokens, as real checkpoints do."""
+def _tokenizer(added=(), pad=None, named=None) -> transformers.PreTrainedTokenizerFast:
+    """Word-level base tokenizer; sources append their special tokens, as real checkpoints do
+    (`named`: tokenizer attributes such as Gemma 3's `boi_token`, added first, in `added`'s order)."""
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(BASE_VOCAB - 3)]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    extra = {"extra_special_tokens": dict(named)} if named else {}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                               **extra)
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in added], special_tokens=True)
     if pad:
         tok.pad_token = pad
     return tok
 
 
+def _text_classes(family):
+    """(config class, causal-LM class, extra config fields) of a text family: one of TEXT_FAMILIES,
+    or a stand-in's declared `text_model` (named by its config class)."""
+    if family in TEXT_FAMILIES:
+        return (*TEXT_FAMILIES[family], {})
+    for _, t in tiny_sources().values():
+        if t.text_model and t.text_model[0] == family:
+            cfg, lm, extra = t.text_model
+            return getattr(transformers, cfg), getattr(transformers, lm), dict(extra)
+    raise ValueError(f"text_family must be one of {sorted(TEXT_FAMILIES)} or a stand-in's text model, got {family!r}")
+
+
+def _resolve_text_family(kinds, text_family):
+    """The text family the stand-ins need: the one they declare (Gemma 3's), else the given one or llama."""
+    declared = {tiny_sources()[k][1].text_model[0] for k in kinds if tiny_sources()[k][1].text_model}
+    if len(declared) > 1 or (declared and text_family not in (None, *declared)):
+        raise ValueError(f"stand-ins {list(kinds)} need text models {sorted(declared)}; "
+                         f"text_family={text_family!r} does not fit them all")
+    return declared.pop() if declared else text_family or "llama"
+
+
 def _text_config(family, vocab, hidden, layers, tie, **kw):
-    return TEXT_FAMILIES[family][0](vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                    num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                    head_dim=hidden // 2, max_position_embeddings=64, tie_word_embeddings=tie,
-                                    bos_token_id=1, eos_token_id=2, **kw)
+    cfg_cls, _, extra = _text_classes(family)
+    return cfg_cls(**{**extra, **kw}, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                   num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                   max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
 
 
 def _scale(t: torch.Tensor) -> float:
@@ -111,7 +136,7 @@ def _build_source(kind, base, d, *, text_family, seed, tie, dtype, delta_scale, 
                   shard_size):
     t = tiny_sources()[kind][1]
     k, cls_name = t.seed, t.model_class
-    tok = _tokenizer(t.added_tokens, t.pad_token)
+    tok = _tokenizer(t.added_tokens, t.pad_token, t.named_tokens)
     vocab = math.ceil(len(tok) / t.vocab_multiple) * t.vocab_multiple  # LLaVA-1.5 pads 32002 -> 32064
     extra = {"pad_token_id": tok.pad_token_id} if t.pad_token else {}
     text = _text_config(text_family, vocab, hidden_size, num_layers, tie, **extra)
@@ -136,11 +161,12 @@ def _build_source(kind, base, d, *, text_family, seed, tie, dtype, delta_scale, 
             s[tuple(slice(0, n) for n in b.shape)].copy_(_perturb(b, gen, delta_scale))
     model.to(dtype).save_pretrained(d, **_save_kwargs(shard_size))
     tok.save_pretrained(d)
-    t.processor().save_pretrained(d)
+    # a processor that holds the tokenizer (Gemma 3's) takes it
+    (t.processor(tok) if inspect.signature(t.processor).parameters else t.processor()).save_pretrained(d)
 
 
 def build_tiny_family(root, kinds=EXAMPLE_KINDS, *,
-                      text_family="llama", seed=0, layout="legacy", tie_word_embeddings=False,
+                      text_family=None, seed=0, layout="legacy", tie_word_embeddings=False,
                       dtype=torch.float32, delta_scale=0.05, num_layers=2, hidden_size=16,
                       shard_size=None) -> TinyFamily:
     """Save a tiny base LM under root/base and one perturbed MLLM per kind under root/<kind>.
@@ -154,14 +180,14 @@ def build_tiny_family(root, kinds=EXAMPLE_KINDS, *,
     unknown = [k for k in kinds if k not in SOURCE_KINDS]
     if unknown:
         raise ValueError(f"unknown source kinds {unknown}; choose from {SOURCE_KINDS}")
-    if text_family not in TEXT_FAMILIES:
-        raise ValueError(f"text_family must be one of {sorted(TEXT_FAMILIES)}, got {text_family!r}")
+    text_family = _resolve_text_family(kinds, text_family)
+    _text_classes(text_family)
     if layout not in ("legacy", "hf5"):
         raise ValueError(f"layout must be 'legacy' or 'hf5', got {layout!r}")
     root = Path(root)
     torch.manual_seed(seed)
     base_cfg = _text_config(text_family, BASE_VOCAB, hidden_size, num_layers, tie_word_embeddings)
-    base = TEXT_FAMILIES[text_family][1](base_cfg).to(dtype)
+    base = _text_classes(text_family)[1](base_cfg).to(dtype)
     base.save_pretrained(root / "base", **_save_kwargs(shard_size))
     _tokenizer().save_pretrained(root / "base")
     sources = {}

@@ -28,3 +28,15 @@ def tied_family(tmp_path_factory):
     """Tied input/output embeddings (no lm_head tensor), as Mistral3 checkpoints ship."""
     return build_tiny_family(tmp_path_factory.mktemp("tied"), ("mistral3", "llava"), text_family="mistral",
                              tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_family(tmp_path_factory):
+    """Gemma 3 + a fine-tune of it (MedGemma's stand-in) on a Gemma 3 text base: two image routes."""
+    return build_tiny_family(tmp_path_factory.mktemp("gemma"), ("gemma3", "medgemma"))
+
+
+@pytest.fixture(scope="session")
+def onevision_family(tmp_path_factory):
+    """LLaVA-OneVision (image) + LLaVA-Video (video), one class."""
+    return build_tiny_family(tmp_path_factory.mktemp("onevision"), ("llava_onevision", "llava_video"))

@@ -3,13 +3,14 @@ them, and independent readers of what a merge wrote (fixtures are in conftest.py
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mergekit_multimodal.families import tiny_sources
-from mergekit_multimodal.testing import EXAMPLE_KINDS
+from mergekit_multimodal.testing import EXAMPLE_KINDS, TinyFamily, _rewrite_checkpoint
 
 KINDS = EXAMPLE_KINDS
 #: tiny stand-in -> the modality name tests give it, and a placeholder where its own is taken
@@ -84,3 +85,29 @@ def llm_of(tensors: dict) -> dict:
 
 def f64(t: torch.Tensor):
     return t.double().numpy()
+
+
+def released(fam, kinds, rename, root) -> TinyFamily:
+    """Copies of the stand-ins with keys starting rename[0] renamed to start rename[1]: the layout the
+    released checkpoints have where transformers writes another (Gemma 3's `vision_tower.vision_model.`)."""
+    sources = {}
+    for k in kinds:
+        sources[k] = Path(root) / k
+        shutil.copytree(fam.sources[k], sources[k])
+        _rewrite_checkpoint(sources[k], lambda key, t: (rename[1] + key[len(rename[0]):]
+                                                        if key.startswith(rename[0]) else key, t))
+    return TinyFamily(base=fam.base, sources=sources, vocab_size=fam.vocab_size)
+
+
+def load_route_weights(src, composite, route, *, head=True):
+    """Put route `route`'s LLM weights (iter_route) into a source model, on the rows both share;
+    head=False leaves a tied head to follow the embedding."""
+    from mergekit_multimodal.methods.routes import iter_route
+
+    with torch.no_grad():
+        for name, w in iter_route(composite, route):
+            if name == "lm_head.weight" and not head:
+                continue
+            p = src.get_output_embeddings().weight if name == "lm_head.weight" else \
+                src.get_decoder().get_parameter(name[len("model."):])
+            p[:min(p.shape[0], w.shape[0])].copy_(w[:p.shape[0]])

@@ -39,6 +39,16 @@ STAND_INS = {
         "mistralai/Mistral-Small-3.1-24B-Instruct-2503": "mistral3",
         "mistralai/Voxtral-Small-24B-2507": "voxtral",
     }, {"image": "[IMG]", "audio": "[AUDIO]"}),
+    "gemma3-image-medical-mmer.yml": ("gemma_family", {
+        "google/gemma-3-4b-pt": "base",
+        "google/gemma-3-4b-it": "gemma3",
+        "google/medgemma-4b-it": "medgemma",
+    }, {"image": "<image_soft_token>", "image_med": "<image_med_soft_token>"}),
+    "qwen2-image-video-onevision-mmer.yml": ("onevision_family", {
+        "Qwen/Qwen2-7B-Instruct": "base",
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava_onevision",
+        "llava-hf/LLaVA-Video-7B-Qwen2-hf": "llava_video",
+    }, {"image": "<image>", "video": "<video>"}),
 }
 
 

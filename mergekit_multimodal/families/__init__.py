@@ -43,9 +43,10 @@ def _discover() -> Tuple[Family, ...]:
 
 _ALL = _discover()
 _BY_NAME: Dict[str, Family] = {f.name: f for f in _ALL}
-#: the multimodal families (every family but the plain causal LM)
-FAMILIES = tuple(f for f in _ALL if not f.text_only)
+#: the multimodal families (every family but the plain causal LM and the refused ones)
+FAMILIES = tuple(f for f in _ALL if not f.text_only and not f.refused)
 _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
+_REFUSED = {arch: fam for fam in _ALL if fam.refused for arch in fam.architectures}
 _CAUSAL_LM = next(f for f in _ALL if f.text_only)
 
 
@@ -78,19 +79,22 @@ def marker_kinds() -> Dict[str, str]:
 
 
 def tiny_sources() -> Dict[str, Tuple[Family, TinySource]]:
-    """Every family's tiny stand-ins by name, in seed order (tests and the example build them)."""
-    items = [(name, (fam, t)) for fam in FAMILIES for name, t in fam.tiny.items()]
+    """Every family's tiny stand-ins by name, in seed order (tests and the example build them), each
+    with its family as it runs under the stand-in's modality (LLaVA-Video: the video variant)."""
+    items = [(name, (fam.for_modality(t.modality), t)) for fam in FAMILIES for name, t in fam.tiny.items()]
     return dict(sorted(items, key=lambda kv: kv[1][1].seed))
 
 
 def layout_for(config: dict, where: str, override=None) -> SplitLayout:
     """The layout of a checkpoint, from its config.json `architectures` or a YAML override."""
+    archs = config.get("architectures") or []
+    arch: Optional[str] = archs[0] if archs else None
+    if arch in _REFUSED:  # a `layout:` override would not make its layers line up either
+        raise CompositionError(f"{where}: {arch} cannot be composed: {_REFUSED[arch].refused}.")
     if override is not None:
         return override_layout(
             override.llm_prefix, override.lm_head, override.modality_prefixes, override.placeholder_config_key
         )
-    archs = config.get("architectures") or []
-    arch: Optional[str] = archs[0] if archs else None
     if arch in _BY_ARCHITECTURE:
         return SplitLayout(_BY_ARCHITECTURE[arch])
     if arch and (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):

@@ -75,6 +75,11 @@ class TinySource:
     extra_config: Mapping[str, object] = field(default_factory=dict)
     placeholder: Optional[str] = None  # a composite placeholder to use instead of its own
     in_example: bool = False  # part of the built-in example (`mergekit-mm-example`)
+    #: (config class, causal-LM class, extra config fields) of the text model the class requires
+    #: (Gemma 3's `Gemma3TextConfig`); None: any of testing.TEXT_FAMILIES (llama by default)
+    text_model: Optional[Tuple[str, str, Mapping[str, object]]] = None
+    #: tokenizer attributes its processor reads (Gemma 3's `boi_token`), each one of `added_tokens`
+    named_tokens: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,23 @@ class Family:
     #: what the family is when composed under a modality whose name starts with a key, for a source
     #: that brings two towers (Video-LLaVA composed as `image...` runs its image tower)
     variants: Mapping[str, "Family"] = field(default_factory=dict)
+    #: the text one item stands for in the sequence, `{}` for the placeholder the composite expands
+    #: into the item's features, when the source's processor wraps each item in special tokens
+    #: (Gemma 3: "\n\n<start_of_image>{}<end_of_image>\n\n"); generic markers become it
+    item_text: Optional[str] = None
+    #: the token the family's own prompts and chat template put where an item goes, when it is not
+    #: the placeholder (Gemma 3's `<start_of_image>`): a prompt carrying it becomes `item_text` too
+    prompt_token: Optional[str] = None
+    #: (llm, inputs_embeds, attention_mask, position_ids, cache, media_mask) -> the attention mask the
+    #: merged LLM takes, for a family whose source does not attend causally among an item's features
+    #: (Gemma 3: bidirectionally within each image); media_mask is 1 at those features' positions
+    llm_mask: Optional[Callable] = None
+    #: why checkpoints of these classes cannot be composed and what would be needed (Llama-3.2-Vision);
+    #: reading one is an error saying so
+    refused: Optional[str] = None
+    #: the most items of its modality one prompt may hold, where the source lays more out otherwise
+    #: (LLaVA-OneVision stops tiling images when a prompt holds several): more is an error
+    items_per_prompt: Optional[int] = None
 
     def for_modality(self, modality: Optional[str]) -> "Family":
         """The family as it runs under this modality name (itself, or a declared variant)."""

@@ -18,6 +18,7 @@ import transformers
 from torch import nn
 
 from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.families import get_family
 from mergekit_multimodal.format.manifest import Manifest
 from mergekit_multimodal.format.tensors import check_finite, header_shapes, refuse_incomplete, weights_file
 from mergekit_multimodal.methods import get_method
@@ -83,6 +84,18 @@ class CompositeModel(nn.Module):
         self.affixes: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         #: Mistral3: the token ids put after each row of an image's features and after its last row
         self.row_tokens: Dict[str, Tuple[int, int]] = {}
+        #: the modalities whose family gives the LLM its own attention mask over their features
+        #: (Gemma 3: bidirectional within an image), and that mask function (`Family.llm_mask`)
+        masks = {m: get_family(manifest.modalities[m].family, path, modality=m).llm_mask for m in self.modalities}
+        self.masked = frozenset(m for m, fn in masks.items() if fn is not None)
+        fns = {masks[m] for m in self.masked}
+        if len(fns) > 1:
+            raise CompositionError(f"{path}: modalities {sorted(self.masked)} come from families with different "
+                                   f"attention masks over their features; one composite can apply only one")
+        self.llm_mask = fns.pop() if fns else None
+        limits = {m: get_family(manifest.modalities[m].family, path, modality=m).items_per_prompt
+                  for m in self.modalities}
+        self.item_limits = {m: n for m, n in limits.items() if n is not None}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -192,6 +205,11 @@ class CompositeModel(nn.Module):
                        media: Optional[Media] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings with every placeholder expanded into its item's features, the (left-padded)
         attention mask, and each position's route id."""
+        return self._prepare(input_ids, attention_mask, media)[:3]
+
+    def _prepare(self, input_ids, attention_mask, media):
+        """`prepare_inputs`, plus a [batch, positions] mask of the features whose family gives the
+        LLM its own attention over them (`Family.llm_mask`)."""
         media = media or {}
         for m in media:
             if m not in self.encoders:
@@ -201,11 +219,18 @@ class CompositeModel(nn.Module):
         embed = self._embed
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        rows, routes = [], []
+        for m, limit in self.item_limits.items():
+            most = int(((input_ids == self.placeholder_ids[m]) & attention_mask.bool()).sum(-1).max())
+            if most > limit:
+                raise CompositionError(
+                    f"modality {m!r} ({self.manifest.modalities[m].family}): a prompt holds {most} {m} items; its "
+                    f"source lays out more than {limit} per prompt differently from one, which the composite does not "
+                    f"reproduce. Put at most {limit} per prompt (docs/runtime.md)")
+        rows, routes, owns = [], [], []
         cursor = {m: 0 for m in feats}
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][attention_mask[b].bool()]
-            pieces, route = [], []
+            pieces, route, own = [], [], []
             start = 0
             for pos, tok in enumerate(ids.tolist()):
                 m = next((m for m, pid in self.placeholder_ids.items() if pid == tok), None)
@@ -217,6 +242,7 @@ class CompositeModel(nn.Module):
                 if pos > start:
                     pieces.append(embed(ids[start:pos].to(self.device)))
                     route.append(torch.zeros(pos - start, dtype=torch.long))
+                    own.append(torch.zeros(pos - start, dtype=torch.long))
                 f = feats[m][cursor[m]].to(self.device, self.dtype)
                 if m in self.row_tokens:
                     f = self._break_rows(m, f, grids[m][cursor[m]], embed)
@@ -225,12 +251,15 @@ class CompositeModel(nn.Module):
                 cursor[m] += 1
                 pieces.append(f)
                 route.append(torch.full((f.shape[0],), self.route_of.get(m, 0), dtype=torch.long))
+                own.append(torch.full((f.shape[0],), int(m in self.masked), dtype=torch.long))
                 start = pos + 1
             if start < len(ids):
                 pieces.append(embed(ids[start:].to(self.device)))
                 route.append(torch.zeros(len(ids) - start, dtype=torch.long))
+                own.append(torch.zeros(len(ids) - start, dtype=torch.long))
             rows.append(torch.cat(pieces))
             routes.append(torch.cat(route))
+            owns.append(torch.cat(own))
         for m, n in cursor.items():
             if n != len(feats[m]):
                 raise CompositionError(f"{len(feats[m])} {m} item(s) given but the prompt has {n} {m!r} placeholder(s)")
@@ -239,11 +268,13 @@ class CompositeModel(nn.Module):
         embeds = torch.zeros(len(rows), width, hidden, dtype=self.dtype, device=self.device)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
         route_ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        for b, (r, rt) in enumerate(zip(rows, routes)):  # left padding, as generation needs
+        own_mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, (r, rt, o) in enumerate(zip(rows, routes, owns)):  # left padding, as generation needs
             embeds[b, width - r.shape[0]:] = r
             mask[b, width - r.shape[0]:] = 1
             route_ids[b, width - r.shape[0]:] = rt.to(self.device)
-        return embeds, mask, route_ids
+            own_mask[b, width - r.shape[0]:] = o.to(self.device)
+        return embeds, mask, route_ids, own_mask
 
     def _break_rows(self, m: str, f: torch.Tensor, grid: Tuple[int, int], embed) -> torch.Tensor:
         """An image's features laid out as its source's processor lays out its tokens: each row of
@@ -265,21 +296,34 @@ class CompositeModel(nn.Module):
         """Forward hook on the LLM's input embedding, installed by `route(m)` only: every lookup (the
         prompt's text and each token `generate` feeds back) takes route m's rows, as the source would."""
         if self.state.whole and self.embed_delta is not None:
-            return output + self.embed_delta.rows(self.state.whole, args[0]).to(output.dtype)
+            rows = self.embed_delta.rows(self.state.whole, args[0]).to(output.dtype)
+            scale = getattr(module, "embed_scale", None)  # scaled embeddings (Gemma's x sqrt(hidden)) scale rows too
+            if scale is not None:
+                rows = rows * torch.as_tensor(scale, dtype=output.dtype, device=output.device)
+            return output + rows
         return output
 
     # -- running ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 media: Optional[Media] = None, **kwargs):
-        embeds, mask, route_ids = self.prepare_inputs(input_ids, attention_mask, media)
+        embeds, mask, route_ids, own = self._prepare(input_ids, attention_mask, media)
         # transformers 5.24 passes the KV cache as `cache` (`past_key_values` is deprecated, gone in 5.40)
-        if "position_ids" not in kwargs and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if "position_ids" not in kwargs and cache is None:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: a row scores as alone
+        attn = self._attention(embeds, mask, kwargs.get("position_ids"), cache, own)
         self.state.set_tokens(route_ids)
         try:
-            return self.llm(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            return self.llm(inputs_embeds=embeds, attention_mask=attn, **kwargs)
         finally:
             self.state.set_tokens(None)
+
+    def _attention(self, embeds, mask, position_ids, cache, own):
+        """The LLM's attention mask: the 2-D padding mask, or the family's own masks when some
+        features take a non-causal attention (`Family.llm_mask`)."""
+        if self.llm_mask is None or not bool(own.any()):
+            return mask
+        return self.llm_mask(self.llm, embeds, mask, position_ids, cache, own)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -290,12 +334,23 @@ class CompositeModel(nn.Module):
         match the prefill's route map, so generated tokens take the text route. Under `route(m)`
         every token, generated ones included (weights and embedding rows), runs on route m.
         """
-        embeds, mask, route_ids = self.prepare_inputs(input_ids, attention_mask, media)
+        embeds, mask, route_ids, own = self._prepare(input_ids, attention_mask, media)
+        hook = None
+        if self.llm_mask is not None and bool(own.any()):
+            def prefill_mask(module, args, kwargs):  # the prompt's step (its embeddings) takes the family's masks
+                if kwargs.get("inputs_embeds") is not None and not isinstance(kwargs.get("attention_mask"), dict):
+                    kwargs["attention_mask"] = self._attention(kwargs["inputs_embeds"], kwargs.get("attention_mask"),
+                                                               kwargs.get("position_ids"), kwargs.get("cache"), own)
+                return args, kwargs
+
+            hook = self.llm.register_forward_pre_hook(prefill_mask, with_kwargs=True)
         self.state.set_tokens(route_ids)
         try:
             return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
         finally:
             self.state.set_tokens(None)
+            if hook is not None:
+                hook.remove()
 
 
 def _row_tokens(path: str, cfg: Manifest, encoders: Dict[str, ModalityEncoder]) -> Dict[str, Tuple[int, int]]:

@@ -42,6 +42,12 @@ class CompositeProcessor:
         self.modalities: List[str] = list(manifest.modalities)
         self.placeholders = {m: manifest.modalities[m].placeholder for m in self.modalities}
         self.placeholder_ids = {m: manifest.modalities[m].placeholder_id for m in self.modalities}
+        families = {m: get_family(manifest.modalities[m].family, path, modality=m) for m in self.modalities}
+        #: modality -> the text one item stands for, when its family wraps items in special tokens
+        self.item_text = {m: f.item_text.format(self.placeholders[m]) for m, f in families.items()
+                          if f.item_text and self.placeholders[m]}
+        #: a family's own prompt token (Gemma 3's `<start_of_image>`) -> its modality
+        self.prompt_tokens = {f.prompt_token: m for m, f in families.items() if f.prompt_token and m in self.item_text}
 
     @classmethod
     def from_pretrained(cls, path: str, num_frames: Optional[int] = None) -> "CompositeProcessor":
@@ -94,19 +100,26 @@ class CompositeProcessor:
         call theirs: a kind's marker (`<image>`, `<video>`, `<audio>`, and the other names families
         declare: families.marker_kinds) stands for the one modality of that kind (two of a kind: name it, `<image_med>`), and `<NAME>` for modality
         NAME. A marker that is some modality's own placeholder token (e.g. LLaVA's `<image>`) is that
-        token; each source's own token keeps working (docs/runtime.md)."""
+        token; each source's own token keeps working (docs/runtime.md). Where a family wraps each
+        item in special tokens (Gemma 3), a marker, and the family's own prompt token, becomes that
+        whole text (`Family.item_text`); its bare placeholder stays as written."""
         own = set(self.placeholders.values())
+
+        def item(m: str) -> str:
+            return self.item_text.get(m, self.placeholders[m])
 
         def placeholder(match: "re.Match") -> str:
             marker, name = match.group(0), match.group(1)
             if marker in own:
                 return marker
+            if marker in self.prompt_tokens:
+                return item(self.prompt_tokens[marker])
             if name in self.modalities:
-                return self.placeholders[name]
+                return item(name)
             kind = marker_kinds().get(name)
             if kind is None:
                 return marker  # not a media marker: ordinary text
-            return self.placeholders[self.modality_of_kind(kind)]
+            return item(self.modality_of_kind(kind))
 
         return _MARKER.sub(placeholder, text)
 

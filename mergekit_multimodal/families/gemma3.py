@@ -1,0 +1,96 @@
+"""Gemma 3 and MedGemma (`Gemma3ForConditionalGeneration`): SigLIP tower + pooled soft-embedding projector.
+
+As Gemma3Processor lays an image out: `\\n\\n<start_of_image>`, `mm_tokens_per_image` soft tokens
+(`<image_soft_token>`, the placeholder), `<end_of_image>\\n\\n`; a prompt's `<start_of_image>` (what
+Gemma's chat template writes) and the generic `<image>` both stand for that. The source attends
+bidirectionally among one image's soft tokens (and causally elsewhere); the composite's LLM is given
+the same masks, built by transformers' own Gemma 3 mask functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.families import tiny
+from mergekit_multimodal.families.base import Encoder, Family, TinySource
+from mergekit_multimodal.runtime.preprocess import ImagePreprocessor
+
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+
+
+def features(model, cfg, media):
+    return list(model.model.get_image_features(pixel_values=media["pixel_values"]).pooler_output)
+
+
+def preprocessor(directory: str, num_frames: Optional[int] = None) -> ImagePreprocessor:
+    """Gemma3ImageProcessor as stored; pan-and-scan (crops, each its own image sequence in the
+    prompt) is refused rather than silently dropped."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        if ((stored.get(key) if key else stored) or {}).get("do_pan_and_scan"):
+            raise CompositionError(f"{path}: do_pan_and_scan is true; Gemma 3's pan-and-scan crops are not "
+                                       f"supported by the composite's processor. Set it to false (the released "
+                                       f"Gemma 3 / MedGemma configs leave it off)")
+    return ImagePreprocessor(directory)
+
+
+def llm_mask(llm, inputs_embeds, attention_mask, position_ids, cache, media_mask):
+    """Gemma3Model's masks: causal, plus bidirectional within each run of image soft tokens (full
+    layers), the same within the sliding window (sliding layers)."""
+    from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
+                                                            get_block_sequence_ids_for_mask)
+
+    blocks = get_block_sequence_ids_for_mask(media_mask, device=inputs_embeds.device)
+    return create_masks_for_vision_model(config=llm.config.get_text_config(), inputs_embeds=inputs_embeds,
+                                         attention_mask=attention_mask, cache=cache, position_ids=position_ids,
+                                         block_sequence_ids=blocks)
+
+
+def _tiny_encoder(h: int) -> dict:  # 56 px: 4x4 patches, pooled 2x2 into mm_tokens_per_image=4
+    return dict(model_type="siglip_vision_model", hidden_size=h, intermediate_size=2 * h, num_hidden_layers=1,
+                num_attention_heads=2, image_size=2 * tiny.IMAGE_SIZE, patch_size=tiny.PATCH_SIZE)
+
+
+def _tiny_processor(tokenizer):
+    import transformers
+
+    size = 2 * tiny.IMAGE_SIZE
+    images = transformers.Gemma3ImageProcessor(size={"height": size, "width": size}, do_pan_and_scan=False)
+    return transformers.Gemma3Processor(images, tokenizer, image_seq_length=4)
+
+
+_TINY = TinySource(
+    "Gemma3ForConditionalGeneration", "Gemma3Config", "vision_config", _tiny_encoder, (BOI, EOI, SOFT),
+    {"image_token_index": SOFT, "boi_token_index": BOI, "eoi_token_index": EOI}, _tiny_processor,
+    seed=7, modality="image", extra_config={"mm_tokens_per_image": 4},
+    # a sliding layer whose window (3) is shorter than an image's 4 soft tokens, then a full one
+    text_model=("Gemma3TextConfig", "Gemma3ForCausalLM",
+                {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 3}),
+    named_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT})
+
+FAMILY = Family(
+    name="gemma3",
+    architectures=("Gemma3ForConditionalGeneration",),
+    placeholder_keys=("image_token_index", "image_token_id"),
+    encoder_prefixes=("vision_tower.",),
+    connector_prefixes=("multi_modal_projector.",),
+    kind="image",
+    pipeline_tag="image-text-to-text",
+    encoder=Encoder(features, ("pixel_values",)),
+    preprocessor=preprocessor,
+    item_text=f"\n\n{BOI}{{}}{EOI}\n\n",
+    prompt_token=BOI,
+    llm_mask=llm_mask,
+    # Gemma 3 and a fine-tune of it on a new image task (as MedGemma is): two image routes, the
+    # second with its own placeholder (both sources call theirs <image_soft_token>)
+    tiny={"gemma3": _TINY, "medgemma": dataclasses.replace(_TINY, seed=8, modality="image_med",
+                                                           placeholder="<image_med_soft_token>")},
+)
