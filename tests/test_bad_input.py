@@ -85,6 +85,13 @@ def test_unknown_architecture_without_override_then_with_override(family, tmp_pa
     out = compose(bad, str(tmp_path / "ok"))
     assert set(read_dir(Path(out) / "modalities" / "image")) == {
         n for n in read_dir(src) if not n.startswith("language_model.")}
+    # the loader runs its LLM (a layout override has no family file, so no encoder to load)
+    from mergekit_multimodal.runtime import CompositeModel
+
+    model = CompositeModel.from_pretrained(out, modalities=[])
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model.llm(input_ids=ids).logits)
 
 
 def test_two_sources_with_one_modality(family, tmp_path):

@@ -17,6 +17,7 @@ from mergekit_multimodal.families.base import (
     ENCODER,
     LLM,
     OTHER,
+    OVERRIDE,
     Encoder,
     Family,
     SplitLayout,
@@ -53,6 +54,8 @@ _CAUSAL_LM = next(f for f in _ALL if f.text_only)
 def get_family(name: str, where: str = "", modality: Optional[str] = None) -> Family:
     """A family by name (as it runs under `modality`, if given); an unknown name is a clear error
     (e.g. a composite made by a newer version)."""
+    if name == OVERRIDE:  # read through a `layout:` block: no family file, so no family behaviour at run time
+        return Family(name=OVERRIDE, architectures=())
     try:
         return _BY_NAME[name].for_modality(modality)
     except KeyError:

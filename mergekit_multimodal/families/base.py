@@ -169,11 +169,15 @@ class SplitLayout:
         return present[0] if present else None
 
 
+#: the family name a composite records for a source read through a YAML `layout:` block
+OVERRIDE = "override"
+
+
 def override_layout(llm_prefix: str, lm_head: Optional[str], modality_prefixes: Sequence[str],
                     placeholder_key: Optional[str]) -> SplitLayout:
     """A layout from the YAML's `layout:` block, for architectures without a family file."""
     family = Family(
-        name="override",
+        name=OVERRIDE,
         architectures=(),
         placeholder_keys=(placeholder_key,) if placeholder_key else (),
         encoder_prefixes=tuple(modality_prefixes),
