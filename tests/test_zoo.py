@@ -1,7 +1,8 @@
 """CI: the zoo (the README's, with a 40-question test split) tells the composition story.
 
 Composites answer multi-modal commonality questions zero-shot well above chance (25%), MMER keeps
-more of each source's own-task accuracy than NaiveMC, and the story's files hold what it printed.
+more of each source's own-task accuracy than NaiveMC, the image source's fine-tune forgets its task,
+exported routes answer as the routes do, and the story's files hold what it printed.
 A few minutes on 2 CPU cores.
 """
 
@@ -100,6 +101,38 @@ def test_results_files_are_written(story):
     assert os.path.getsize(os.path.join(out, "zoo-results.png")) > 10_000
     for row in ROWS:  # every question asked of every composite: 4 own tasks + 3 commonality subsets
         assert doc["results"][row]["total"] == 7 * QUICK.test_per_subset and not doc["results"][row]["skipped"]
+
+
+def test_the_fine_tune_forgets_its_sources_task(story):
+    """The forgetting section: the image source fine-tuned on `last` only loses its own task beyond
+    the interval (the claim's interval clears 0); every row is scored on both tasks."""
+    claims = {c["claim"]: c for c in story[1]["claims"]}
+    assert claims["forgetting: source image - its fine-tune on old-task > 0"]["holds"], claims
+    rows = story[1]["forgetting"]
+    assert set(rows) == {"source image", "fine-tune image_new", *ROWS}, rows
+    assert all(set(v) == {"old-task", "new-task"} for v in rows.values()), rows
+
+
+def test_retention_curve_composes_one_to_all_sources(story):
+    """Retention as 1..5 sources are composed; a one-source NaiveMC composite is its source."""
+    out, doc = story[:2]
+    curve = doc["retention_curve"]
+    assert curve["order"] == ["image", "audio", "video", "point_cloud", "image_new"]
+    for row in ROWS:
+        assert [k for k, *_ in curve["rows"][row]] == [1, 2, 3, 4, 5], curve
+    assert curve["rows"]["naive_mc"][0][1] == 1.0
+    assert os.path.getsize(os.path.join(out, "zoo-retention.png")) > 10_000
+    assert os.path.getsize(os.path.join(out, "zoo-forgetting.png")) > 10_000
+
+
+def test_exported_routes_answer_as_the_mmer_routes(story):
+    """Each route exported as a plain checkpoint (mergekit-mm-export) answers every own-task question
+    as the mmer row does on that route; the point-cloud family, not a transformers class, is refused."""
+    doc = story[1]
+    correct = doc["per_seed"][0]["correct"]
+    assert set(doc["export"]["refused"]) == {"point_cloud"}, doc["export"]
+    for m in ("image", "audio", "video"):
+        assert correct["mmer export"][m] == correct["mmer"][m], m
 
 
 def test_the_story_restores_transformers_logging(story):

@@ -22,15 +22,18 @@ from mergekit_multimodal.zoo import train
 
 ZOO_VERSION = 1
 #: directory name -> (function(spec, base_dir, out_dir, progress) training it, its step count). The
-#: plain sources first; then each one's DAMC-decoupled adapters ("<m>-damc"), which use the plain
-#: source's trained encoder + connector as their frozen feature extractor.
+#: plain sources first, then the forgetting fine-tune (data.NEW: data.FORGET_SOURCE's source trained
+#: on the `last` task only); then each one's DAMC-decoupled adapters ("<m>-damc", NEW's on the `last`
+#: task), which use the plain source's trained encoder + connector as their frozen feature extractor.
 SOURCE_BUILDERS: Dict[str, Tuple[Callable, Callable]] = {
     **{m: ((lambda spec, base, out, progress, m=m, k=k: train.train_source(m, spec, base, out, k, progress)),
            lambda spec: spec.connector_steps + spec.llm_steps)
        for k, m in enumerate(data.MODALITIES, start=1)},
+    data.NEW: ((lambda spec, base, out, progress: train.train_finetune(
+        spec, os.path.join(os.path.dirname(out), data.FORGET_SOURCE), out, progress)), lambda spec: spec.forget_steps),
     **{f"{m}-damc": ((lambda spec, base, out, progress, m=m, k=k: train.train_damc_source(
         m, spec, base, os.path.join(os.path.dirname(out), m), out, k, progress)), lambda spec: spec.damc_steps)
-       for k, m in enumerate(data.MODALITIES, start=1)},
+       for k, m in enumerate(data.MODALITIES + (data.NEW,), start=1)},
 }
 
 
@@ -88,11 +91,13 @@ def build_zoo(spec: train.ZooSpec, cache: Optional[str] = None, progress: Option
                 progress(steps(spec))
     finally:
         torch.set_num_threads(threads)
-    for name, seed in (("bench-test", spec.test_seed), ("bench-val", spec.test_seed + 1)):
+    for name, seed, items in (("bench-test", spec.test_seed, data.benchmark_items),
+                              ("bench-val", spec.test_seed + 1, data.benchmark_items),
+                              ("bench-forget", spec.test_seed + 2, data.forgetting_items)):
         d = os.path.join(root, name)
         if not _done(d):
             shutil.rmtree(d, ignore_errors=True)
-            write_benchmark(d, seed, spec.test_per_subset)
+            write_benchmark(d, seed, spec.test_per_subset, items)
             _mark(d)
     return root
 
@@ -131,16 +136,17 @@ def write_examples(out_dir: str, seed: int = 7) -> Dict[str, str]:
             for m, p in EXAMPLES.items()}
 
 
-def write_benchmark(out_dir: str, seed: int, per_subset: int) -> str:
-    """The commonality benchmark: media files + benchmark.jsonl (docs/evaluate.md's format).
-    The test split uses a seed no training run uses (training draws from the spec's seed)."""
+def write_benchmark(out_dir: str, seed: int, per_subset: int, items: Callable = data.benchmark_items) -> str:
+    """The commonality benchmark (or `items`' questions: data.forgetting_items): media files +
+    benchmark.jsonl (docs/evaluate.md's format). The test split uses a seed no training run uses
+    (training draws from the spec's seed)."""
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
-    for i, q in enumerate(data.benchmark_items(seed, per_subset)):
+    for i, q in enumerate(items(seed, per_subset)):
         media: Dict[str, list] = {}
         for m, p in zip(q["modalities"], q["pairs"]):
-            media[m] = [save_media(out_dir, f"media/{i:05d}-{m}", m, data.RENDER[m](p, rng))]
+            media[m] = [save_media(out_dir, f"media/{i:05d}-{m}", data.kind(m), data.RENDER[data.kind(m)](p, rng))]
         # the evaluator's template adds the choices and "answer :"
         question = data.prompt([f"<{m}>" for m in q["modalities"]], q["question"]).removesuffix(" answer :")
         lines.append(json.dumps({"id": f"q{i:05d}", "subset": q["subset"], "question": question, "media": media,

@@ -46,6 +46,15 @@ APPEARS_Q = "question : which one appears in the input ?"
 FIRST_Q = "question : which one is first ?"
 #: the forgetting experiment's new task (never in the base LM's text): the input's second concept
 LAST_Q = "question : which one is last ?"
+#: the forgetting experiment: FORGET_SOURCE's source fine-tuned on `last` only is the zoo's fifth
+#: source, modality NEW (a task route of FORGET_SOURCE's kind); its benchmark subsets
+FORGET_SOURCE, NEW = "image", "image_new"
+OLD_TASK, NEW_TASK = "old-task", "new-task"
+
+
+def kind(modality: str) -> str:
+    """The kind of media a zoo modality takes (NEW is an image route)."""
+    return FORGET_SOURCE if modality == NEW else modality
 
 WORDS = (["input", ":", ".", "question", "what", "do", "all", "inputs", "have", "in", "common", "?", "which",
           "one", "appears", "the", "answer", "describe", "is", "first", "last"] + [str(i) for i in range(1, 5)]
@@ -193,3 +202,11 @@ def benchmark_items(seed: int, per_subset: int) -> List[dict]:
             q = common_question(n, rng)
             items.append({"subset": f"common-{n}", "modalities": rng.sample(MODALITIES, n), **q})
     return items
+
+
+def forgetting_items(seed: int, per_subset: int) -> List[dict]:
+    """The forgetting benchmark: FORGET_SOURCE's own task (`appears` or `first`, as in
+    benchmark_items) as OLD_TASK, and the fine-tune's `last` task on NEW's media as NEW_TASK."""
+    rng = random.Random(seed)
+    return ([{"subset": OLD_TASK, "modalities": [FORGET_SOURCE], **single_question(rng)} for _ in range(per_subset)]
+            + [{"subset": NEW_TASK, "modalities": [NEW], **single_question(rng, "last")} for _ in range(per_subset)])

@@ -20,14 +20,16 @@ Correct = Mapping[str, Mapping[str, np.ndarray]]
 Stat = Callable[[Mapping[str, Mapping[str, np.ndarray]]], np.ndarray]
 
 
-def draws(correct: Correct, replicates: int = 2000, seed: int = 0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-    """The resampling plan: seed indices [B, S] and, per subset, question indices [B, Q]."""
+def draws(correct: Correct, replicates: int = 2000,
+          seed: int = 0) -> Tuple[np.ndarray, Dict[str, np.ndarray], Dict[str, Dict[str, np.ndarray]]]:
+    """The resampling plan: seed indices [B, S], per subset question indices [B, Q], and every row's
+    resampled accuracies (computed once: `estimate` reads them for each statistic)."""
     rng = np.random.default_rng(seed)
     shapes = {s: a.shape for subsets in correct.values() for s, a in subsets.items()}
     n_seeds = next(iter(shapes.values()))[0]
     seeds = rng.integers(0, n_seeds, (replicates, n_seeds)) if n_seeds > 1 else np.zeros((replicates, 1), int)
     questions = {s: rng.integers(0, shape[1], (replicates, shape[1])) for s, shape in sorted(shapes.items())}
-    return seeds, questions
+    return seeds, questions, accuracies(correct, questions)
 
 
 def accuracies(correct: Correct, questions: Mapping[str, np.ndarray] = None) -> Dict[str, Dict[str, np.ndarray]]:
@@ -39,9 +41,9 @@ def accuracies(correct: Correct, questions: Mapping[str, np.ndarray] = None) -> 
 
 def estimate(correct: Correct, stat: Stat, plan=None) -> Tuple[float, float, float]:
     """(point estimate, 2.5th percentile, 97.5th percentile) of `stat` averaged over seeds."""
-    seeds, questions = plan or draws(correct)
+    seeds, _, resampled = plan or draws(correct)
     point = float(np.mean(stat(accuracies(correct))))
-    per_replicate = stat(accuracies(correct, questions))  # [B, S]
+    per_replicate = stat(resampled)  # [B, S]
     values = np.take_along_axis(per_replicate, seeds, axis=1).mean(axis=1)
     lo, hi = np.percentile(values, [2.5, 97.5])
     return point, float(lo), float(hi)

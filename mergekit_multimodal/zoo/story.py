@@ -2,6 +2,9 @@
 
 Build (or reuse) the zoo -> compose its four sources with each method in COMPOSITES -> evaluate
 every source and composite on the held-out commonality benchmark -> one table, a plot, a JSON.
+Then three sections (rows named by their prefix): FORGETTING (the image source and its fine-tune
+on a new task, composed as two task routes), CURVE (retention as 1..N sources are composed) and
+EXPORT (each MMER route exported with `mergekit-mm-export` and scored as its source is).
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ COMPOSITES = [
 ]
 #: rows composed from a row's YAML with its coefficients searched on bench-val/ (tuned_config)
 TUNED = [("damc tuned", "damc", {}, {}, None, "-damc")]
+#: the rows of the FORGETTING and CURVE sections (COMPOSITES' rows of these names)
+SECTION_ROWS = ("naive_mc", "mmer", "damc")
+FORGETTING, CURVE, EXPORT = "forgetting", "curve", "mmer export"  # the sections' row prefixes
+#: the forgetting section's pair: the original source and its fine-tune, two task routes of one kind
+FORGET_PAIR = (data.FORGET_SOURCE, data.NEW)
+#: retention vs number of sources: the zoo's sources composed 1..N at a time, in this order
+CURVE_ORDER = data.MODALITIES + (data.NEW,)
 OWN = list(data.MODALITIES)
 COMMON = ["common-2", "common-3", "common-4"]
 #: the composite asked again with shuffled media (the control row)
@@ -50,6 +60,7 @@ def composite_config(zoo: str, method: str, params: dict, per_source: dict, suff
     """The YAML a user would write; `suffix` names decoupled adapters ("-damc": zoo/<m>-damc) that
     go with each source (its encoder + connector + placeholder)."""
     models = [{"model": os.path.join(zoo, m), "modality": m,
+               **({"placeholder": f"<{m}>"} if m == data.NEW else {}),  # its own token: the original's is taken
                **({"adapters": os.path.join(zoo, m + suffix)} if suffix else {}),
                **({"parameters": per_source} if per_source else {})}
               for m in modalities]
@@ -109,13 +120,13 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
         try:
             os.makedirs(out_dir, exist_ok=True)
             t0 = time.time()
-            timings = {"zoo_s": 0.0, "eval_s": 0.0}
+            timings = {"zoo_s": 0.0, "eval_s": 0.0, "sections_s": 0.0}  # sections: within eval_s
             runs = []
             for k in range(seeds):
                 sp = dataclasses.replace(spec, seed=spec.seed + k)
                 t1 = time.time()
                 with tqdm(total=total_steps(sp), unit="step", desc=f"seed {sp.seed} ({k + 1}/{seeds}) 1/3 zoo: train "
-                          "(or reuse) base, 4 sources, 4 DAMC adapters") as bar:
+                          "(or reuse) base, 4 sources + a fine-tune, 5 DAMC adapters") as bar:
                     zoo = build_zoo(sp, cache, bar.update)
                 timings["zoo_s"] += time.time() - t1
                 for d in (f"composites-{code_hash()}", f"sources-{code_hash()}"):  # in use: dated now (prune)
@@ -131,6 +142,7 @@ def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = No
                 t1 = time.time()
                 runs.append(_evaluate_seed(zoo, bench, rows_wanted, f"seed {sp.seed} ({k + 1}/{seeds})"))
                 timings["eval_s"] += time.time() - t1
+                timings["sections_s"] += runs[-1]["sections_s"]
                 torch.set_num_threads(threads)
             timings["total_s"] = time.time() - t0
             return _summarise(out_dir, spec, runs, echo, timings)
@@ -180,33 +192,129 @@ def _evaluate_seed(zoo: str, bench: str, rows_wanted: Optional[List[str]], label
     rows = [r for r in COMPOSITES if rows_wanted is None or r[0] in rows_wanted]
     rows += [r for r in TUNED if rows_wanted is None or r[0] in rows_wanted]
     paths = {}
+    asked: Dict[tuple, Dict[str, List[int]]] = {}  # (composite, route, benchmark) -> correctness per subset
     for name, method, params, per_source, route, suffix in tqdm(rows, desc=f"{label} 3/3 compose + evaluate"):
         if suffix and f"{method} sources" not in correct:  # decoupled sources: each alone, a one-source composite
             correct[f"{method} sources"] = {}
             results[f"{method} sources"] = {}
             for m in data.MODALITIES:
-                r = evaluate(compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, [m])),
-                             bench, subsets=[m], route=route, name=f"{name} source {m}", **ASK)
+                path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, [m]))
+                r = evaluate(path, bench, subsets=[m], route=route, name=f"{name} source {m}", **ASK)
                 correct[f"{method} sources"].update(_correct(r))
+                asked[(path, route, bench)] = _correct(r)
                 results[f"{method} sources"][m] = r.to_dict(predictions=True)
         cfg = composite_config(zoo, method, params, per_source, suffix)
         if name in (r[0] for r in TUNED):
             cfg = tuned_config(zoo, cfg)
         path = compose_cached(zoo, cfg)
         paths[name] = (path, route)
-        r = evaluate(path, bench, route=route, name=name, **ASK)
-        plotted[name] = r
-        results[name] = {**r.to_dict(predictions=True), "composite": path}
-        correct[name] = _correct(r)
+        plotted[name] = _record(name, evaluate(path, bench, route=route, name=name, **ASK), correct, results, path)
+        asked[(path, route, bench)] = correct[name]
     if CONTROL in paths:  # the same composite and questions, each question shown another question's media
         path, route = paths[CONTROL]
         name = f"{CONTROL}, media shuffled"
-        r = evaluate(path, shuffled_media_benchmark(bench), route=route, name=name, **ASK)
-        plotted[name] = r
-        results[name] = {**r.to_dict(predictions=True), "composite": path}
-        correct[name] = _correct(r)
+        plotted[name] = _record(name, evaluate(path, shuffled_media_benchmark(bench), route=route, name=name, **ASK),
+                                correct, results, path)
+    t0 = time.time()
+    section = [r for r in rows if r[0] in SECTION_ROWS]
+    paths.update(_evaluate_forgetting(zoo, section, correct, results))
+    _evaluate_curve(zoo, section, correct, asked)
+    refused = _evaluate_exports(zoo, bench, paths["mmer"][0], correct, results) if "mmer" in paths else {}
     return {"zoo": zoo, "benchmark": bench, "correct": correct, "results": results, "paths": paths,
-            "plotted": plotted}
+            "plotted": plotted, "export_refused": refused, "sections_s": time.time() - t0}
+
+
+def _record(name: str, r: "EvalResult", correct: dict, results: dict, path: Optional[str] = None) -> "EvalResult":
+    """Keep one evaluation: its per-question correctness and its results (with the composite's path)."""
+    results[name] = {**r.to_dict(predictions=True), **({"composite": path} if path else {})}
+    correct[name] = _correct(r)
+    return r
+
+
+def _evaluate_forgetting(zoo: str, rows: list, correct: dict, results: dict) -> Dict[str, tuple]:
+    """FORGETTING: the original source (data.FORGET_SOURCE), its fine-tune on the `last` task
+    (data.NEW) and each method's composite of the two (task routes `image` and `image_new`; MMER's
+    single-input questions on their own route), on bench-forget/'s old task (the original's, its
+    media given as `image`) and new task (media given as `image_new`). Returns the composites' paths."""
+    from mergekit_multimodal.evaluation import evaluate
+
+    bench = os.path.join(zoo, "bench-forget")
+    for label, m in (("source", data.FORGET_SOURCE), ("fine-tune", data.NEW)):  # alone: named NEW, any task
+        name = f"{FORGETTING} {label} {m}"
+        _record(name, evaluate(os.path.join(zoo, m), bench, modality=data.NEW, name=name,
+                               cache_dir=os.path.join(zoo, f"sources-{code_hash()}"), **ASK), correct, results)
+    paths = {}
+    for row, method, params, per_source, route, suffix in rows:
+        name = f"{FORGETTING} {row}"
+        path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, FORGET_PAIR))
+        paths[name] = (path, route)
+        _record(name, evaluate(path, bench, route=route, name=name, **ASK), correct, results, path)
+    return paths
+
+
+def _own_tasks(zoo: str, modalities) -> Dict[str, List[str]]:
+    """benchmark dir -> the subsets that are these sources' own tasks (data.NEW's: bench-forget's new task)."""
+    out: Dict[str, List[str]] = {}
+    for m in modalities:
+        bench, subset = ("bench-forget", data.NEW_TASK) if m == data.NEW else ("bench-test", m)
+        out.setdefault(os.path.join(zoo, bench), []).append(subset)
+    return out
+
+
+def _evaluate_curve(zoo: str, rows: list, correct: dict, asked: Dict[tuple, Dict[str, List[int]]]) -> None:
+    """CURVE (MMER's figure 4): each method's composite of the first k sources of CURVE_ORDER,
+    k = 1..N, on those sources' own tasks only: rows `curve <row> <k>`; references `curve <ref>`
+    (the sources alone, each on its own task; DAMC's: the decoupled sources alone). A composite the
+    story already asked the same questions (`asked`: k = 4, the main rows; DAMC's k = 1, its decoupled
+    image source) is not asked again."""
+    from mergekit_multimodal.evaluation import evaluate
+
+    new = f"{FORGETTING} fine-tune {data.NEW}"
+    if "sources" in correct and new in correct:
+        correct[f"{CURVE} sources"] = {**correct["sources"], data.NEW_TASK: correct[new][data.NEW_TASK]}
+    for row, method, params, per_source, route, suffix in rows:
+        ref = f"{CURVE} {_reference(row)}"
+        if ref not in correct:  # the decoupled sources: each alone, a one-source composite
+            correct[ref] = dict(correct[_reference(row)])
+            r = evaluate(compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, [data.NEW])),
+                         os.path.join(zoo, "bench-forget"), subsets=[data.NEW_TASK], route=route, **ASK)
+            correct[ref].update(_correct(r))
+        for k in range(1, len(CURVE_ORDER) + 1):
+            path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, CURVE_ORDER[:k]))
+            correct[f"{CURVE} {row} {k}"] = {}
+            for bench, subsets in _own_tasks(zoo, CURVE_ORDER[:k]).items():
+                done = asked.get((path, route, bench), {})
+                if not all(s in done for s in subsets):
+                    done = _correct(evaluate(path, bench, subsets=subsets, route=route, **ASK))
+                correct[f"{CURVE} {row} {k}"].update({s: done[s] for s in subsets})
+
+
+def _evaluate_exports(zoo: str, bench: str, composite: str, correct: dict, results: dict) -> Dict[str, str]:
+    """EXPORT: each route of the MMER composite written as a plain checkpoint of its source class
+    (`mergekit-mm-export COMPOSITE OUT --route m`, cached beside the composite) and evaluated exactly
+    as a source is, on its own task. Returns the refused routes with the reason (the point-cloud
+    family has no transformers class: refused by design)."""
+    from mergekit_multimodal.errors import CompositionError
+    from mergekit_multimodal.evaluation import evaluate
+    from mergekit_multimodal.export import export
+
+    root = composite + "-exports"
+    refused: Dict[str, str] = {}
+    correct[EXPORT] = {}
+    results[EXPORT] = {}
+    for m in data.MODALITIES:
+        out = os.path.join(root, m)
+        if not os.path.isdir(out):
+            try:
+                export(composite, out, m)
+            except CompositionError as e:
+                refused[m] = str(e)
+                continue
+        r = evaluate(out, bench, modality=m, subsets=[m], cache_dir=os.path.join(zoo, f"sources-{code_hash()}"),
+                     name=f"{EXPORT} {m}", **ASK)
+        correct[EXPORT].update(_correct(r))
+        results[EXPORT][m] = {**r.to_dict(predictions=True), "checkpoint": out}
+    return refused
 
 
 def tuned_config(zoo: str, cfg: dict) -> dict:
@@ -244,16 +352,23 @@ def _summarise(out_dir: str, spec: ZooSpec, runs: List[dict], echo, timings: dic
             table.setdefault(row, {})[s] = point
             intervals.setdefault(row, {})[s] = [lo, hi]
         ref = _reference(row)
+        if row.startswith(CURVE) and row.rsplit(" ", 1)[-1].isdigit():  # curve <row> <k>: against curve <ref>
+            ref = f"{CURVE} {_reference(row.split(' ')[1])}"
+        elif row.startswith((FORGETTING, CURVE)):
+            continue
         if ref in correct and row not in (ref, "damc sources") and "shuffled" not in row:
-            point, lo, hi = stats.estimate(correct, stats.retention(row, ref, OWN), plan)
+            own = [s for s in subsets if s in correct[ref] and s not in COMMON]
+            point, lo, hi = stats.estimate(correct, stats.retention(row, ref, own), plan)
             table[row]["retention"], intervals[row]["retention"] = point, [lo, hi]
     claims = _claims(correct, plan)
+    cell = lambda row, c: (table[row][c], *intervals[row][c])  # noqa: E731
+    main = [r for r in table if not r.startswith((FORGETTING, CURVE, EXPORT))]
     cols = OWN + ["retention"] + COMMON
     echo(f"\nAccuracy % on the held-out test split, mean [95% interval] over {len(runs)} seed(s) and the "
          "questions (chance: 25%; retention = mean over modalities of composite own-task accuracy / source "
          "own-task accuracy; damc rows: against the decoupled sources)")
-    echo(format_story_table({k: {c: (v[c], *intervals[k][c]) for c in cols if c in v} for k, v in table.items()},
-                            cols))
+    echo(format_story_table({k: {c: cell(k, c) for c in cols if c in table[k]} for k in main}, cols))
+    sections = _sections(out_dir, spec, runs, table, intervals, echo)
     echo("\nClaims (difference or value, [95% interval]):")
     for c in claims:
         echo(f"  {c['claim']}: {stats.fmt(*c['value'])}  -> {'holds' if c['holds'] else 'NOT shown'} beyond the interval")
@@ -267,15 +382,81 @@ def _summarise(out_dir: str, spec: ZooSpec, runs: List[dict], echo, timings: dic
     links = _link_composites(out_dir, runs[0]["paths"])
     doc = {"zoo": runs[0]["zoo"], "benchmark": runs[0]["benchmark"], "spec": dataclasses.asdict(spec),
            "seeds": [spec.seed + k for k in range(len(runs))], "table": table, "intervals": intervals,
-           "claims": claims, "interval_method": "two-level paired bootstrap over seeds and questions (zoo/stats.py)",
+           "claims": claims, **sections, "interval_method": "two-level paired bootstrap over seeds and questions (zoo/stats.py)",
            "results": runs[0]["results"], "per_seed": [{"zoo": r["zoo"], "correct": r["correct"]} for r in runs],
            "composites": links, "examples": examples, "timings": timings}
     with open(os.path.join(out_dir, "zoo-results.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
-    echo(f"\nwrote {out_dir}/zoo-results.json, {out_dir}/zoo-results.png, {out_dir}/composites/ (seed "
+    echo(f"\nwrote {out_dir}/zoo-results.json, {out_dir}/zoo-results.png, {out_dir}/zoo-forgetting.png, "
+         f"{out_dir}/zoo-retention.png, {out_dir}/composites/ (seed "
          f"{spec.seed}'s), {out_dir}/examples/  ({timings['total_s']:.0f} s: zoo {timings['zoo_s']:.0f} s, "
          f"compose + evaluate {timings['eval_s']:.0f} s)")
     return doc
+
+
+def _sections(out_dir: str, spec: ZooSpec, runs: List[dict], table: dict, intervals: dict, echo) -> dict:
+    """Print the FORGETTING, CURVE and EXPORT tables, plot the first two; their JSON entries."""
+    cell = lambda row, c: (table[row][c], *intervals[row][c])  # noqa: E731
+    out: dict = {}
+    forget = [r for r in table if r.startswith(FORGETTING)]
+    if forget:
+        cols = [data.OLD_TASK, data.NEW_TASK]
+        echo(f"\nForgetting: the {data.FORGET_SOURCE} source fine-tuned on a new task ('{data.LAST_Q.split(' : ')[1]}', "
+             f"{spec.forget_steps} steps, every weight), then composed with its original as two task routes "
+             f"({data.FORGET_SOURCE}, {data.NEW}); accuracy % on bench-forget/ ({data.OLD_TASK}: the original's task)")
+        echo(format_story_table({r[len(FORGETTING) + 1:]: {c: cell(r, c) for c in cols} for r in forget}, cols))
+        rows = [_mean_row(r[len(FORGETTING) + 1:], {c: (table[r][c], 0.25) for c in cols}, "bench-forget") for r in forget]
+        from mergekit_multimodal.evaluation import plot_results
+
+        plot_results(rows, os.path.join(out_dir, "zoo-forgetting.png"),
+                     intervals=[{c: intervals[r][c] for c in cols} for r in forget])
+        out["forgetting"] = {r[len(FORGETTING) + 1:]: {c: list(cell(r, c)) for c in cols} for r in forget}
+    curve = {row: [(k, cell(f"{CURVE} {row} {k}", "retention")) for k in range(1, len(CURVE_ORDER) + 1)
+                   if "retention" in table.get(f"{CURVE} {row} {k}", {})] for row in SECTION_ROWS}
+    curve = {row: pts for row, pts in curve.items() if pts}
+    if curve:
+        ks = [str(k) for k in range(1, len(CURVE_ORDER) + 1)]
+        echo(f"\nRetention % vs number of sources composed (own tasks only; the first k of "
+             f"{', '.join(CURVE_ORDER)}; damc against the decoupled sources)")
+        echo(format_story_table({row: {str(k): v for k, v in pts} for row, pts in curve.items()}, ks))
+        plot_curve(curve, os.path.join(out_dir, "zoo-retention.png"), CURVE_ORDER)
+        out["retention_curve"] = {"order": list(CURVE_ORDER),
+                                  "rows": {row: [[k, *v] for k, v in pts] for row, pts in curve.items()}}
+    if EXPORT in table:
+        have = [m for m in OWN if m in table[EXPORT]]
+        refused = {m: why for r in runs for m, why in r["export_refused"].items()}
+        echo("\nExport: each route of the mmer composite written by mergekit-mm-export as a plain checkpoint "
+             "of its source class, evaluated as its source is (own task, accuracy %)")
+        echo(format_story_table({"source": {m: cell("sources", m) for m in have},
+                                 EXPORT: {c: cell(EXPORT, c) for c in have + ["retention"]}}, have + ["retention"]))
+        for m, why in refused.items():
+            echo(f"  {m}: refused: {why}")
+        out["export"] = {"routes": {m: list(cell(EXPORT, m)) for m in have}, "retention": list(cell(EXPORT, "retention")),
+                         "refused": refused}
+    return out
+
+
+def plot_curve(curve: Dict[str, list], path: str, order) -> str:
+    """Retention (%) against the number of sources composed, one line per method with interval bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for row, pts in curve.items():
+        ks = [k for k, _ in pts]
+        ys = [100 * v[0] for _, v in pts]
+        err = [[100 * (v[0] - v[1]) for _, v in pts], [100 * (v[2] - v[0]) for _, v in pts]]
+        ax.errorbar(ks, ys, yerr=err, marker="o", capsize=2, label=row)
+    ax.set_xticks(range(1, len(order) + 1), [f"{k}\n+{m}" for k, m in enumerate(order, start=1)], fontsize=7)
+    ax.set_xlabel("sources composed")
+    ax.set_ylabel("retention (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _reference(row: str) -> str:
@@ -302,6 +483,17 @@ def _claims(correct, plan) -> List[dict]:
         if "mmer" in ret and other in ret:
             add(f"mmer retention - {other} retention > 0", stats.difference(ret["mmer"], ret[other]),
                 lambda p, lo, hi: lo > 0)
+    src, new = f"{FORGETTING} source {data.FORGET_SOURCE}", f"{FORGETTING} fine-tune {data.NEW}"
+    if src in correct and new in correct:
+        add(f"forgetting: source {data.FORGET_SOURCE} - its fine-tune on {data.OLD_TASK} > 0",
+            stats.difference(stats.accuracy(src, data.OLD_TASK), stats.accuracy(new, data.OLD_TASK)),
+            lambda p, lo, hi: lo > 0)
+    for row in ("mmer", "damc"):
+        for task in (data.OLD_TASK, data.NEW_TASK):
+            if f"{FORGETTING} {row}" in correct and f"{FORGETTING} naive_mc" in correct:
+                add(f"forgetting: {row} - naive_mc on {task} > 0", stats.difference(
+                    stats.accuracy(f"{FORGETTING} {row}", task), stats.accuracy(f"{FORGETTING} naive_mc", task)),
+                    lambda p, lo, hi: lo > 0)
     for c in COMMON:
         for row in ("mmer", "damc", "damc tuned"):
             if row in correct and "naive_mc" in correct:

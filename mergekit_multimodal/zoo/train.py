@@ -46,6 +46,8 @@ class ZooSpec:
     damc_steps: int = 400  # decoupled LoRA training per DAMC source (one sequence a step)
     damc_rank: int = 8
     damc_lr: float = 1e-3
+    forget_steps: int = 150  # the forgetting fine-tune (data.NEW): every weight, the `last` task only
+    forget_lr: float = 1e-3
 
 
 # modality -> (transformers class or ours, config class, encoder config key, placeholder, config field)
@@ -191,24 +193,64 @@ def train_source(modality: str, spec: ZooSpec, base_dir: str, out_dir: str, offs
     tok = build_tokenizer([placeholder])
     base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
     model = _build_mllm(modality, spec, base, tok)
-    pairs = [data.pair(rng) for _ in range(spec.train_items)]
-    media = _media_tensors(modality, data.render_many(modality, pairs, seed))
-    decoder, head, emb_fn = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     llm_params = list(decoder.parameters()) + list(head.parameters())
     llm_ids = {id(p) for p in llm_params}
     mod_params = [p for p in model.parameters() if id(p) not in llm_ids]
+    _train_phases(model, modality, spec, tok, placeholder, rng, seed,
+                  [(spec.connector_steps, spec.source_lr, mod_params, llm_params),
+                   (spec.llm_steps, spec.llm_lr, mod_params + llm_params, [])], progress)
+    _save(model, tok, modality, out_dir)
+
+
+def train_finetune(spec: ZooSpec, source_dir: str, out_dir: str, progress: Optional[Callable[[int], None]] = None,
+                   modality: str = data.FORGET_SOURCE) -> None:
+    """The forgetting experiment's source (data.NEW): `modality`'s trained source fine-tuned, every
+    weight, on the `last` task only (`forget_steps` at `forget_lr`), long enough to forget its own."""
+    seed = spec.seed * 100 + 90
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    placeholder = SOURCES[modality][3]
+    tok = build_tokenizer([placeholder])
+    model = getattr(transformers, SOURCES[modality][0]).from_pretrained(source_dir)
+    _train_phases(model, modality, spec, tok, placeholder, rng, seed,
+                  [(spec.forget_steps, spec.forget_lr, list(model.parameters()), [])], progress, kinds=("last",))
+    _save(model, tok, modality, out_dir)
+
+
+def _save(model, tok, modality: str, out_dir: str) -> None:
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    proc = _processor(modality)
+    if proc is not None:
+        proc.save_pretrained(out_dir)
+
+
+def _train_phases(model, modality: str, spec: ZooSpec, tok, placeholder: str, rng: random.Random, seed: int,
+                  phases, progress, kinds: Sequence[str] = ("appears", "first")) -> None:
+    """Train `model` on `spec.train_items` rendered inputs of its modality, questions of `kinds`; each
+    phase: (steps, peak lr, trained parameters, parameters frozen from this phase on). A parameter is
+    thawed only if an earlier phase froze it: those the model keeps frozen (the Whisper-style
+    encoder's positions) stay frozen."""
+    pairs = [data.pair(rng) for _ in range(spec.train_items)]
+    media = _media_tensors(modality, data.render_many(modality, pairs, seed))
+    decoder, head, emb_fn = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
     model.train()
-    for phase, steps, lr, params in (("connector", spec.connector_steps, spec.source_lr, mod_params),
-                                     ("llm", spec.llm_steps, spec.llm_lr, mod_params + llm_params)):
-        for p in llm_params:
-            p.requires_grad_(phase == "llm")
+    thawable = set()
+    for steps, lr, params, frozen in phases:
+        for p in params:
+            if id(p) in thawable:
+                p.requires_grad_(True)
+        for p in frozen:
+            p.requires_grad_(False)
+            thawable.add(id(p))
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         for step in range(steps):
             idx = [rng.randrange(spec.train_items) for _ in range(spec.batch)]
             feats = _features(modality, model, _index(media, idx))
             rows, labels = [], []
             for i, f in zip(idx, feats):
-                p, a = _example_for(pairs[i], placeholder, rng)
+                p, a = _example_for(pairs[i], placeholder, rng, kinds)
                 before, after = p.split(placeholder)
                 bi, ai, ans = tok(before)["input_ids"], tok(after)["input_ids"], answer_ids(tok, a)
                 rows.append(torch.cat([emb_fn(torch.tensor(bi)), f, emb_fn(torch.tensor(ai + ans))]))
@@ -218,11 +260,6 @@ def train_source(modality: str, spec: ZooSpec, base_dir: str, out_dir: str, offs
             if progress:
                 progress(1)
     model.eval()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    proc = _processor(modality)
-    if proc is not None:
-        proc.save_pretrained(out_dir)
 
 
 def answer_ids(tok, answer: str) -> List[int]:
@@ -243,12 +280,15 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
                       progress: Optional[Callable[[int], None]] = None) -> None:
     """A DAMC-decoupled source (docs/damc.md, form 1): text and modality LoRA adapters trained on the
     frozen base LM with `damc_train.train_decoupled`, on the same own-modality examples as the plain
-    source, with that source's trained encoder + connector frozen as the feature extractor."""
+    source (data.NEW's: the `last` task only), with that source's trained encoder + connector frozen
+    as the feature extractor."""
     from mergekit_multimodal.methods.damc.train import save_decoupled, train_decoupled
 
     seed = spec.seed * 100 + 50 + offset
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    name, modality = modality, data.kind(modality)
+    kinds = ("last",) if name == data.NEW else ("appears", "first")
     placeholder = SOURCES[modality][3]
     tok = build_tokenizer([placeholder])
     if modality == "point_cloud":
@@ -265,12 +305,12 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
     del source
     batches = []
     for p, f in zip(pairs, feats):
-        prompt, answer = _example_for(p, placeholder, rng)
+        prompt, answer = _example_for(p, placeholder, rng, kinds)
         before, after = prompt.split(placeholder)
         batches.append({"prompt_ids": torch.tensor(tok(before)["input_ids"]), "features": f.detach(),
                         "after_ids": torch.tensor(tok(after)["input_ids"]),
                         "target_ids": torch.tensor(answer_ids(tok, answer))})
     llm = transformers.LlamaForCausalLM.from_pretrained(base_dir)
-    trained = train_decoupled(llm, batches, modality=modality, rank=spec.damc_rank, alpha=2.0 * spec.damc_rank,
+    trained = train_decoupled(llm, batches, modality=name, rank=spec.damc_rank, alpha=2.0 * spec.damc_rank,
                               steps=spec.damc_steps, lr=spec.damc_lr, seed=seed, progress=progress or False)
     save_decoupled(trained, out_dir)
