@@ -79,6 +79,7 @@ class _CheckpointPlan:
         self.llm_names = llm_names  # causal-LM name (the route's) -> name in the checkpoint
         self.modality_names = modality_names  # name under modalities/<m>/ -> name in the checkpoint
         self.dropped_ids = dropped_ids  # config token-id fields the composite's vocabulary cannot name
+        self.named_tokens: Dict[str, str] = {}  # tokenizer attributes the source's processor reads
 
 
 def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry) -> _CheckpointPlan:
@@ -132,7 +133,23 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
     if extra:
         raise CompositionError(f"{where}: {entry.architecture} has no place for tensor {extra[0]!r} "
                                f"({len(extra)} such); refusing to drop part of the route")
-    return _CheckpointPlan(entry.architecture, config, entries, llm_names, modality_names, dropped)
+    plan = _CheckpointPlan(entry.architecture, config, entries, llm_names, modality_names, dropped)
+    plan.named_tokens = _named_tokens(path, entry, family, where)
+    return plan
+
+
+def _named_tokens(path: str, entry: ModalityEntry, family, where: str) -> Dict[str, str]:
+    """The tokenizer attributes the source's processor reads (Family.named_tokens), each a token of
+    the composite's vocabulary (checked before anything is written)."""
+    if not family.named_tokens:
+        return {}
+    named = {k: v.format(entry.placeholder or "") for k, v in family.named_tokens.items()}
+    vocab = transformers.AutoTokenizer.from_pretrained(path).get_vocab()
+    missing = sorted(f"{k}={v!r}" for k, v in named.items() if v not in vocab)
+    if missing:
+        raise CompositionError(f"{where}: the source's processor reads tokenizer tokens {', '.join(missing)}, which "
+                               f"the composite's tokenizer ({path}) does not hold")
+    return named
 
 
 def _exported_config(config: dict, manifest: Manifest, m: str, entry: ModalityEntry, family) -> Tuple[dict, Dict[str, int]]:
@@ -184,6 +201,7 @@ def _write_checkpoint(path: str, manifest: Manifest, m: str, entry: ModalityEntr
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.config, f, indent=2)
     _copy(path, out, TOKENIZER_FILES + F.BASE_FILES)
+    _name_tokens(out, plan.named_tokens)
     _copy(os.path.join(path, entry.path), out, F.PROCESSOR_FILES)
     _set_processor_token(out, entry, get_family(entry.family, modality=m).kind)
     _write_card(out, manifest, m, entry, f"`{plan.cls_name}` checkpoint", plan.dropped_ids)
@@ -193,6 +211,20 @@ def _copy(src_dir: str, out: str, names) -> None:
     for name in names:
         if os.path.exists(os.path.join(src_dir, name)):
             shutil.copy(os.path.join(src_dir, name), os.path.join(out, name))
+
+
+def _name_tokens(out: str, named: Dict[str, str]) -> None:
+    """tokenizer_config.json's `extra_special_tokens` (how transformers sets attributes such as
+    `boi_token` / `boi_token_id`) gets the tokens the source's processor reads."""
+    file = os.path.join(out, "tokenizer_config.json")
+    if not named or not os.path.exists(file):
+        return
+    with open(file, encoding="utf-8") as f:
+        data = json.load(f)
+    extra = data.get("extra_special_tokens") if isinstance(data.get("extra_special_tokens"), dict) else {}
+    data["extra_special_tokens"] = {**extra, **named}
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
 
 
 def _set_processor_token(out: str, entry: ModalityEntry, kind: Optional[str]) -> None:

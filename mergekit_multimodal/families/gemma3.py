@@ -88,6 +88,7 @@ FAMILY = Family(
     preprocessor=preprocessor,
     item_text=f"\n\n{BOI}{{}}{EOI}\n\n",
     prompt_token=BOI,
+    named_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": "{}"},
     llm_mask=llm_mask,
     # Gemma 3 and a fine-tune of it on a new image task (as MedGemma is): two image routes, the
     # second with its own placeholder (both sources call theirs <image_soft_token>)
