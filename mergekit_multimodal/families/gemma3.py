@@ -20,6 +20,8 @@ from mergekit_multimodal.families.base import Encoder, Family, TinySource
 from mergekit_multimodal.runtime.preprocess import ImagePreprocessor
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+#: tokenizer attributes Gemma3Processor reads; `{}` is the modality's placeholder
+NAMED_TOKENS = {"boi_token": BOI, "eoi_token": EOI, "image_token": "{}"}
 
 
 def features(model, cfg, media):
@@ -74,7 +76,7 @@ _TINY = TinySource(
     # a sliding layer whose window (3) is shorter than an image's 4 soft tokens, then a full one
     text_model=("Gemma3TextConfig", "Gemma3ForCausalLM",
                 {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 3}),
-    named_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT})
+    named_tokens={k: v.format(SOFT) for k, v in NAMED_TOKENS.items()})
 
 FAMILY = Family(
     name="gemma3",
@@ -88,7 +90,7 @@ FAMILY = Family(
     preprocessor=preprocessor,
     item_text=f"\n\n{BOI}{{}}{EOI}\n\n",
     prompt_token=BOI,
-    named_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": "{}"},
+    named_tokens=NAMED_TOKENS,
     llm_mask=llm_mask,
     # Gemma 3 and a fine-tune of it on a new image task (as MedGemma is): two image routes, the
     # second with its own placeholder (both sources call theirs <image_soft_token>)

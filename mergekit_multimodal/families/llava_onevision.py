@@ -102,6 +102,11 @@ class _TinyProcessor:
             json.dump(video, f, indent=2)
 
 
+_TINY = TinySource(
+    "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", "vision_config", _tiny_encoder,
+    ("<image>", "<video>"), {"image_token_index": "<image>", "video_token_index": "<video>"}, _TinyProcessor,
+    seed=9, modality="image", extra_config={"image_grid_pinpoints": GRID})
+
 _IMAGE = Family(
     name="llava_onevision",
     architectures=("LlavaOnevisionForConditionalGeneration",),
@@ -113,17 +118,8 @@ _IMAGE = Family(
     encoder=Encoder(features, ("pixel_values", "image_sizes")),
     preprocessor=ImagePreprocessor,
     items_per_prompt=1,  # several images in one prompt: its processor drops the tiles, its forward too
-    tiny={
-        "llava_onevision": TinySource(
-            "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", "vision_config", _tiny_encoder,
-            ("<image>", "<video>"), {"image_token_index": "<image>", "video_token_index": "<video>"}, _TinyProcessor,
-            seed=9, modality="image", extra_config={"image_grid_pinpoints": GRID}),
-        # LLaVA-Video-7B-Qwen2-hf: the same class, composed as a video modality
-        "llava_video": TinySource(
-            "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", "vision_config", _tiny_encoder,
-            ("<image>", "<video>"), {"image_token_index": "<image>", "video_token_index": "<video>"}, _TinyProcessor,
-            seed=10, modality="video", extra_config={"image_grid_pinpoints": GRID}),
-    },
+    # LLaVA-Video-7B-Qwen2-hf: the same class, composed as a video modality
+    tiny={"llava_onevision": _TINY, "llava_video": dataclasses.replace(_TINY, seed=10, modality="video")},
 )
 
 FAMILY = dataclasses.replace(_IMAGE, variants={"video": dataclasses.replace(

@@ -86,16 +86,15 @@ class CompositeModel(nn.Module):
         self.row_tokens: Dict[str, Tuple[int, int]] = {}
         #: the modalities whose family gives the LLM its own attention mask over their features
         #: (Gemma 3: bidirectional within an image), and that mask function (`Family.llm_mask`)
-        masks = {m: get_family(manifest.modalities[m].family, path, modality=m).llm_mask for m in self.modalities}
+        families = {m: get_family(manifest.modalities[m].family, path, modality=m) for m in self.modalities}
+        masks = {m: f.llm_mask for m, f in families.items()}
         self.masked = frozenset(m for m, fn in masks.items() if fn is not None)
         fns = {masks[m] for m in self.masked}
         if len(fns) > 1:
             raise CompositionError(f"{path}: modalities {sorted(self.masked)} come from families with different "
                                    f"attention masks over their features; one composite can apply only one")
         self.llm_mask = fns.pop() if fns else None
-        limits = {m: get_family(manifest.modalities[m].family, path, modality=m).items_per_prompt
-                  for m in self.modalities}
-        self.item_limits = {m: n for m, n in limits.items() if n is not None}
+        self.item_limits = {m: f.items_per_prompt for m, f in families.items() if f.items_per_prompt is not None}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
