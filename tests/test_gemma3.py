@@ -104,14 +104,77 @@ def test_route_m_of_two_gemma3_sources_is_source_m(gemma, images, tmp_path, rout
     torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
 
 
-def test_pan_and_scan_is_refused_naming_the_file(gemma, tmp_path):
+#: pan-and-scan on, with crops small enough for the tiny 56-px images (Gemma3Processor's default minimum is 256 px)
+PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A wide image (130 x 40: three crops) and a square one (no crops)."""
+    d = tmp_path_factory.mktemp("wide")
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (40, 130, 3), dtype=np.uint8), rng.integers(0, 256, (33, 33, 3), dtype=np.uint8)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(d / f"{i}.png")
+    return [str(d / f"{i}.png") for i in range(2)], [Image.fromarray(a) for a in arrays]
+
+
+def test_pan_and_scan_lays_out_and_runs_as_the_sources_processor(gemma, wide, tmp_path):
+    """Gemma3Processor called with do_pan_and_scan=True: the wide image's crops each get their own
+    image sequence after "Here is the original image ... and here are some crops ...", the square
+    image none. The composite's ids (each placeholder standing for 4 soft tokens), logits and greedy
+    decoding equal the source class's on its own processor's inputs."""
+    out = compose(composite_config(gemma, "mmer", ["gemma3"]), str(tmp_path / "c"))
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    prompt = OWN_PROMPT.replace("<start_of_image>", "<image>")
+    inputs = proc(prompt, images=wide[0], **PAN_AND_SCAN)
+    source = transformers.Gemma3ForConditionalGeneration.from_pretrained(gemma.sources["gemma3"]).eval()
+    own = transformers.AutoProcessor.from_pretrained(gemma.sources["gemma3"])
+    batch = own(text=OWN_PROMPT, images=wide[1], return_tensors="pt", **PAN_AND_SCAN)
+    assert batch["pixel_values"].shape[0] == 5 and inputs["media"]["image"]["num_crops"].tolist() == [3, 0]
+    soft = proc.placeholder_ids["image"]
+    expanded = [t for t in inputs["input_ids"][0].tolist() for _ in range(4 if t == soft else 1)]
+    assert expanded == batch["input_ids"][0].tolist()
+    with torch.no_grad():
+        got = model(**inputs).logits
+        want = source(**batch).logits
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+    greedy = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  suppress_tokens=list(range(V0, 99)))
+    got = model.generate(**inputs, **greedy)
+    want = source.generate(**batch, **greedy)
+    assert torch.equal(got.sequences[0, -4:], want.sequences[0, -4:])
+    torch.testing.assert_close(got.scores[0][..., :V0], want.scores[0][..., :V0], rtol=1e-4, atol=1e-4)
+    # off (Gemma3Processor's default): one image sequence per image
+    assert proc(prompt, images=wide[0])["media"]["image"]["pixel_values"].shape[0] == 2
+
+
+def test_pan_and_scan_from_the_stored_config_and_its_errors(gemma, wide, tmp_path):
+    """A stored image processor config that turns pan-and-scan on is the default of every call (the
+    source's processor takes the settings only from the call: here, the same settings given there);
+    a bare placeholder cannot stand for an image with crops; an option no modality takes is named."""
     out = compose(composite_config(gemma, "mmer", ["gemma3"]), str(tmp_path / "c"))
     cfg = tmp_path / "c" / "modalities" / "image" / "processor_config.json"
     stored = json.loads(cfg.read_text())
-    stored["image_processor"]["do_pan_and_scan"] = True
+    stored["image_processor"].update({"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16,
+                                      "pan_and_scan_max_num_crops": 2})
     cfg.write_text(json.dumps(stored))
-    with pytest.raises(CompositionError, match=r"processor_config.json: do_pan_and_scan is true"):
-        CompositeProcessor.from_pretrained(out)
+    proc = CompositeProcessor.from_pretrained(out)
+    inputs = proc("w1 <start_of_image> w2", images=wide[0][:1])
+    own = transformers.AutoProcessor.from_pretrained(gemma.sources["gemma3"])
+    batch = own(text="w1 <start_of_image> w2", images=wide[1][:1], return_tensors="pt",
+                **PAN_AND_SCAN, pan_and_scan_max_num_crops=2)
+    assert inputs["media"]["image"]["num_crops"].tolist() == [2]
+    torch.testing.assert_close(inputs["media"]["image"]["pixel_values"], batch["pixel_values"])
+    soft = proc.placeholder_ids["image"]
+    assert [t for t in inputs["input_ids"][0].tolist() for _ in range(4 if t == soft else 1)] == \
+        batch["input_ids"][0].tolist()
+    assert proc("w1 <image>", images=wide[0][:1], do_pan_and_scan=False)["media"]["image"]["num_crops"].tolist() == [0]
+    with pytest.raises(CompositionError, match=r"bare placeholder '<image_soft_token>' for an item .* crops"):
+        proc("w1 <image_soft_token>", images=wide[0][:1])
+    assert proc("w1 <image_soft_token>", images=wide[0][1:])["input_ids"].shape[1] == 2  # no crops: as written
+    with pytest.raises(CompositionError, match=r"processor option\(s\) do_pan_and_scn .*image: do_pan_and_scan"):
+        proc("w1 <image>", images=wide[0][:1], do_pan_and_scn=True)
 
 
 def test_cli_route_choice_and_prepended_item_text(gemma, images, tmp_path):

@@ -58,7 +58,7 @@ def test_route_m_is_its_source_class_on_route_m_weights(ov, composite, tmp_path,
     else:
         np.save(tmp_path / "v.npy", frames())
         inputs = proc("w1 <video> w2", videos=[tmp_path / "v.npy"])
-    assert inputs["media"][route].keys() == ({"pixel_values", "image_sizes"} if route == "image"
+    assert inputs["media"][route].keys() == ({"pixel_values", "image_sizes", "batch_num_images"} if route == "image"
                                              else {"pixel_values_videos"})
     with torch.no_grad(), model.route(route):
         got = model(**inputs).logits
@@ -88,13 +88,48 @@ def test_a_cropping_video_config_is_refused_naming_the_file(composite, tmp_path)
         CompositeProcessor.from_pretrained(str(out))
 
 
-def test_two_images_in_one_prompt_are_refused(composite, tmp_path):
-    """The source lays several images of one prompt out without tiles; the composite tiles each, so
-    it refuses rather than run them differently. One image per prompt across a batch is fine."""
-    Image.fromarray(frames()[0]).save(tmp_path / "x.png")
-    proc, model = CompositeProcessor.from_pretrained(composite), CompositeModel.from_pretrained(composite)
-    with pytest.raises(CompositionError, match=r"modality 'image' \(llava_onevision\): a prompt holds 2 image items"):
-        model(**proc("w1 <image> w2 <image>", images=[tmp_path / "x.png"] * 2))
-    batch = proc(["w1 <image> w2", "w3 <image>"], images=[tmp_path / "x.png"] * 2)
+def own_processor(src, monkeypatch):
+    """The source's own LlavaOnevisionProcessor on its stored image processor and tokenizer. Its
+    constructor checks every part's class, and the video processor's lookup needs torchvision; this
+    image-only use does without one, so that check is skipped here."""
+    monkeypatch.setattr(transformers.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    return transformers.LlavaOnevisionProcessor(
+        transformers.AutoImageProcessor.from_pretrained(src), transformers.AutoTokenizer.from_pretrained(src), None,
+        num_image_tokens=side * side, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        vision_aspect_ratio=cfg.vision_aspect_ratio)
+
+
+def test_several_images_in_one_prompt_as_the_sources_processor_lays_them_out(ov, tmp_path, monkeypatch):
+    """Two images in one prompt are not tiled (each a padded square, its base view and one
+    image_newline), a prompt's single image is; one batch holds both. Each row equals the source
+    class on its own processor's inputs for that prompt, its images given as the prompt's list (as
+    its chat template gives them)."""
+    out = compose(composite_config(ov, "mmer", ["llava_onevision"]), str(tmp_path / "c"))
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    arrays = [frames(1)[0], frames(2)[0][:, :20], frames(3)[0]]
+    files = []
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    prompts = ["w1 <image> w2 <image> w3", "w4 <image> w5"]
+    inputs = proc(prompts, images=files)
+    assert inputs["media"]["image"]["batch_num_images"].tolist() == [2, 1]
     with torch.no_grad():
-        assert model(**batch).logits.shape[0] == 2
+        got = model(**inputs).logits
+    src = ov.sources["llava_onevision"]
+    own, source = own_processor(src, monkeypatch), transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(src).eval()
+    lengths = []
+    for b, (prompt, images) in enumerate(zip(prompts, ([arrays[0], arrays[1]], [arrays[2]]))):
+        batch = own(text=prompt, images=[[Image.fromarray(a) for a in images]], return_tensors="pt")
+        with torch.no_grad():
+            want = source(**batch).logits
+        lengths.append(want.shape[1])
+        torch.testing.assert_close(got[b, -want.shape[1]:, :V0], want[0, :, :V0], rtol=1e-4, atol=1e-4)
+    assert lengths[0] == got.shape[1] == 3 + 2 * (16 + 1)  # w1 w2 w3, two base views and their image_newline
+    assert lengths[1] > 2 + 16 + 1  # the single image is tiled
+    # media built for other prompts: the grouping does not match, which is an error, not another layout
+    apart = proc(["w1 <image>", "w2 <image>"], images=files[:2])
+    with pytest.raises(CompositionError, match=r"batch_num_images \[1, 1\] does not match .* \[2\]"):
+        model(input_ids=inputs["input_ids"][:1], attention_mask=inputs["attention_mask"][:1], media=apart["media"])

@@ -126,9 +126,15 @@ class Family:
     #: why checkpoints of these classes cannot be composed and what would be needed (Llama-3.2-Vision);
     #: reading one is an error saying so
     refused: Optional[str] = None
-    #: the most items of its modality one prompt may hold, where the source lays more out otherwise
-    #: (LLaVA-OneVision stops tiling images when a prompt holds several): more is an error
-    items_per_prompt: Optional[int] = None
+    #: (the item's text, its preprocessor's outputs) -> each item's text in prompt order, for a family
+    #: whose processor lays one item out as several (Gemma 3's pan-and-scan: the image, then its crops,
+    #: each its own `item_text`); the preprocessor's outputs hold one feature item per placeholder
+    item_layout: Optional[Callable] = None
+    #: the preprocessor output counting each prompt's items (prompts holding none left out), for a
+    #: family whose source lays an item out by how many share its prompt (LLaVA-OneVision's
+    #: `batch_num_images`: several images of one prompt are not tiled); the composite's processor
+    #: passes its preprocessor `per_prompt=`, and the loader checks the count against the prompts
+    items_by_prompt: Optional[str] = None
     #: tokenizer attributes the source's processor reads (Gemma 3's `boi_token`), token strings with
     #: `{}` for the modality's placeholder: an exported checkpoint's tokenizer names them
     named_tokens: Mapping[str, str] = field(default_factory=dict)

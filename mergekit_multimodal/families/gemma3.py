@@ -4,20 +4,24 @@ As Gemma3Processor lays an image out: `\\n\\n<start_of_image>`, `mm_tokens_per_i
 (`<image_soft_token>`, the placeholder), `<end_of_image>\\n\\n`; a prompt's `<start_of_image>` (what
 Gemma's chat template writes) and the generic `<image>` both stand for that. The source attends
 bidirectionally among one image's soft tokens (and causally elsewhere); the composite's LLM is given
-the same masks, built by transformers' own Gemma 3 mask functions.
+the same masks, built by transformers' own Gemma 3 mask functions. Pan-and-scan (a call option of
+Gemma3Processor, `do_pan_and_scan=True`, or the stored image processor config's setting) crops an
+image into several; each crop is then its own image sequence after the image's, with Gemma3Processor's
+text between them, and its own features.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Sequence
 
-from mergekit_multimodal.errors import CompositionError
+import torch
+
 from mergekit_multimodal.families import tiny
 from mergekit_multimodal.families.base import Encoder, Family, TinySource
-from mergekit_multimodal.runtime.preprocess import ImagePreprocessor
+from mergekit_multimodal.runtime.media import load_image
+from mergekit_multimodal.runtime.preprocess import ImagePreprocessor, quiet
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 #: tokenizer attributes Gemma3Processor reads; `{}` is the modality's placeholder
@@ -28,20 +32,43 @@ def features(model, cfg, media):
     return list(model.model.get_image_features(pixel_values=media["pixel_values"]).pooler_output)
 
 
-def preprocessor(directory: str, num_frames: Optional[int] = None) -> ImagePreprocessor:
-    """Gemma3ImageProcessor as stored; pan-and-scan (crops, each its own image sequence in the
-    prompt) is refused rather than silently dropped."""
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-        if ((stored.get(key) if key else stored) or {}).get("do_pan_and_scan"):
-            raise CompositionError(f"{path}: do_pan_and_scan is true; Gemma 3's pan-and-scan crops are not "
-                                       f"supported by the composite's processor. Set it to false (the released "
-                                       f"Gemma 3 / MedGemma configs leave it off)")
-    return ImagePreprocessor(directory)
+#: Gemma3Processor's call options for pan-and-scan (its image processor's settings of that name)
+PAN_AND_SCAN = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
+                "pan_and_scan_min_ratio_to_activate")
+
+
+class Preprocessor(ImagePreprocessor):
+    """Gemma3ImageProcessor as stored -> `pixel_values` (each image, then its pan-and-scan crops) and
+    `num_crops` per image. Gemma3Processor passes its own defaults for the pan-and-scan settings
+    (`Gemma3Processor.images_kwargs`: off) unless the call names them; here a setting the stored
+    image processor config gives (not null) is the default instead, and the call's options override
+    both, as they do Gemma3Processor's."""
+
+    options = frozenset(PAN_AND_SCAN)
+
+    def __init__(self, directory: str, num_frames: Optional[int] = None):
+        import transformers
+
+        super().__init__(directory)
+        defaults = transformers.Gemma3Processor.images_kwargs
+        stored = {k: getattr(self.processor, k, None) for k in PAN_AND_SCAN}
+        self.kwargs = {k: defaults[k] if stored[k] is None else stored[k] for k in PAN_AND_SCAN}
+
+    def __call__(self, items: Sequence[Any], **options) -> Dict[str, torch.Tensor]:
+        out = quiet(self.processor, images=[load_image(i) for i in items], return_tensors="pt",
+                    **{**self.kwargs, **options})
+        return {"pixel_values": out["pixel_values"], "num_crops": out["num_crops"]}
+
+
+def item_layout(text: str, media) -> List[str]:
+    """Each image's text as Gemma3Processor writes it (its own `replace_image_token`, whose full image
+    sequence is `text` here): the image alone, or with crops "Here is the original image ... and here
+    are some crops to help you see better ..." and one image sequence per crop."""
+    from transformers import Gemma3Processor
+
+    layout = SimpleNamespace(full_image_sequence=text)
+    crops = {"num_crops": [int(n) for n in media["num_crops"]]}
+    return [Gemma3Processor.replace_image_token(layout, crops, i) for i in range(len(crops["num_crops"]))]
 
 
 def llm_mask(llm, inputs_embeds, attention_mask, position_ids, cache, media_mask):
@@ -87,8 +114,9 @@ FAMILY = Family(
     kind="image",
     pipeline_tag="image-text-to-text",
     encoder=Encoder(features, ("pixel_values",)),
-    preprocessor=preprocessor,
+    preprocessor=Preprocessor,
     item_text=f"\n\n{BOI}{{}}{EOI}\n\n",
+    item_layout=item_layout,
     prompt_token=BOI,
     named_tokens=NAMED_TOKENS,
     llm_mask=llm_mask,

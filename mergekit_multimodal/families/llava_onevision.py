@@ -1,8 +1,9 @@
 """LLaVA-OneVision and LLaVA-Video (`LlavaOnevisionForConditionalGeneration`; transformers has no
 LLaVA-Video class: LLaVA-Video-7B-Qwen2's `-hf` conversion is this class too).
 
-One tower takes images (anyres tiles + base view, packed with `image_newline`) and videos (frames
-pooled 2x2, one `image_newline` after the clip). Like Video-LLaVA, the modality name decides what a
+One tower takes images (anyres tiles + base view, packed with `image_newline`; several images in one
+prompt: each its base view of a padded square and one `image_newline`) and videos (frames pooled
+2x2, one `image_newline` after the clip). Like Video-LLaVA, the modality name decides what a
 composite runs: a modality named `video...` is a video modality (`<video>`, `video_token_index`,
 `pixel_values_videos`); any other name is an image modality (`<image>`, `pixel_values` + `image_sizes`).
 
@@ -19,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
+
+import torch
 
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import tiny
 from mergekit_multimodal.families.base import Encoder, Family, TinySource
 from mergekit_multimodal.runtime import preprocess
+from mergekit_multimodal.runtime.media import load_image
 from mergekit_multimodal.runtime.preprocess import ImagePreprocessor, quiet
 
 
@@ -34,11 +38,30 @@ def features(model, cfg, media):
             pixel_values_videos=media["pixel_values_videos"], vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         return list(out.pooler_output)
-    # as the source's forward calls it for one image per prompt (batch_num_images unset: anyres tiling)
+    # as the source's forward calls it: an image alone in its prompt is tiled (anyres), several images
+    # of one prompt are their base views (batch_num_images; unset: every image alone)
     out = model.model.get_image_features(
         pixel_values=media["pixel_values"], image_sizes=media["image_sizes"],
-        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        batch_num_images=media.get("batch_num_images"))
     return list(out.pooler_output)
+
+
+class ImagesByPrompt(ImagePreprocessor):
+    """Images grouped by prompt, as LlavaOnevisionProcessor gives them to its image processor when a
+    prompt's images come as one list (what its chat template does): an image alone in its prompt is
+    tiled, several in one prompt are each padded to a square and resized (no tiles);
+    `batch_num_images` records the grouping for the model."""
+
+    def __call__(self, items: Sequence[Any], per_prompt: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+        images = [load_image(i) for i in items]
+        counts = [n for n in (per_prompt or [1] * len(images)) if n]
+        if sum(counts) != len(images):
+            raise CompositionError(f"{len(images)} image(s) given for prompts holding {sum(counts)}")
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        nested = [images[s:s + n] for s, n in zip(starts, counts)]
+        out = quiet(self.processor, images=nested, return_tensors="pt")
+        return {k: out[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
 
 
 #: LlavaOnevisionVideoProcessor's steps and the keys of its config that they read
@@ -116,12 +139,12 @@ _IMAGE = Family(
     kind="image",
     pipeline_tag="image-text-to-text",
     encoder=Encoder(features, ("pixel_values", "image_sizes")),
-    preprocessor=ImagePreprocessor,
-    items_per_prompt=1,  # several images in one prompt: its processor drops the tiles, its forward too
+    preprocessor=ImagesByPrompt,
+    items_by_prompt="batch_num_images",  # several images in one prompt: neither tiled by its processor nor its forward
     # LLaVA-Video-7B-Qwen2-hf: the same class, composed as a video modality
     tiny={"llava_onevision": _TINY, "llava_video": dataclasses.replace(_TINY, seed=10, modality="video")},
 )
 
 FAMILY = dataclasses.replace(_IMAGE, variants={"video": dataclasses.replace(
     _IMAGE, kind="video", pipeline_tag="video-text-to-text", encoder=Encoder(features, ("pixel_values_videos",)),
-    preprocessor=VideoPreprocessor, items_per_prompt=None, tiny={})})
+    preprocessor=VideoPreprocessor, items_by_prompt=None, tiny={})})

@@ -94,7 +94,8 @@ class CompositeModel(nn.Module):
             raise CompositionError(f"{path}: modalities {sorted(self.masked)} come from families with different "
                                    f"attention masks over their features; one composite can apply only one")
         self.llm_mask = fns.pop() if fns else None
-        self.item_limits = {m: f.items_per_prompt for m, f in families.items() if f.items_per_prompt is not None}
+        #: modality -> the media key counting each prompt's items (`Family.items_by_prompt`)
+        self.by_prompt = {m: f.items_by_prompt for m, f in families.items() if f.items_by_prompt}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -218,13 +219,15 @@ class CompositeModel(nn.Module):
         embed = self._embed
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        for m, limit in self.item_limits.items():
-            most = int(((input_ids == self.placeholder_ids[m]) & attention_mask.bool()).sum(-1).max())
-            if most > limit:
-                raise CompositionError(
-                    f"modality {m!r} ({self.manifest.modalities[m].family}): a prompt holds {most} {m} items; its "
-                    f"source lays out more than {limit} per prompt differently from one, which the composite does not "
-                    f"reproduce. Put at most {limit} per prompt (docs/runtime.md)")
+        for m, key in self.by_prompt.items():
+            if m in media and key in media[m]:
+                held = ((input_ids == self.placeholder_ids[m]) & attention_mask.bool()).sum(-1).tolist()
+                counted = [int(n) for n in media[m][key]]
+                if counted != [n for n in held if n]:
+                    raise CompositionError(
+                        f"modality {m!r}: its media's {key} {counted} does not match the prompts' {m} items per prompt "
+                        f"{held}; its source lays out an image by how many share its prompt, so build the media "
+                        f"with CompositeProcessor for these prompts")
         rows, routes, owns = [], [], []
         cursor = {m: 0 for m in feats}
         for b in range(input_ids.shape[0]):

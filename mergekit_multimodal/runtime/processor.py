@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,14 @@ class CompositeProcessor:
                           if f.item_text and self.placeholders[m]}
         #: a family's own prompt token (Gemma 3's `<start_of_image>`) -> its modality
         self.prompt_tokens = {f.prompt_token: m for m, f in families.items() if f.prompt_token and m in self.item_text}
+        #: modality -> its family's per-item layout (Gemma 3's pan-and-scan crops: `Family.item_layout`)
+        self.layouts = {m: f.item_layout for m, f in families.items() if f.item_layout and m in self.item_text}
+        #: the modalities whose preprocessor takes the items grouped by prompt (`Family.items_by_prompt`)
+        self.by_prompt = frozenset(m for m, f in families.items() if f.items_by_prompt)
+        #: each modality's own placeholder (the composite's placeholders are distinct tokens)
+        self.owner = {ph: m for m, ph in self.placeholders.items() if ph}
+        own = "|".join(re.escape(ph) for ph in sorted(self.owner, key=len, reverse=True))
+        self.marker = re.compile(f"{own}|{_MARKER.pattern}" if own else _MARKER.pattern)
 
     @classmethod
     def from_pretrained(cls, path: str, num_frames: Optional[int] = None) -> "CompositeProcessor":
@@ -68,7 +76,10 @@ class CompositeProcessor:
         return kind_of(self.manifest.modalities[modality].family, modality)
 
     def __call__(self, text: Union[str, Sequence[str]], media: Optional[Mapping[str, Sequence[Any]]] = None, *,
-                 images=None, videos=None, audios=None, return_tensors: str = "pt") -> Dict[str, Any]:
+                 images=None, videos=None, audios=None, return_tensors: str = "pt", **options) -> Dict[str, Any]:
+        """`options` go to the preprocessors that take them, as the sources' processors take them at
+        call time (Gemma 3: `do_pan_and_scan=True` and the `pan_and_scan_*` settings); an option no
+        modality of the composite takes is an error."""
         if return_tensors != "pt":
             raise ValueError("CompositeProcessor returns PyTorch tensors only (return_tensors='pt')")
         media = {m: list(items) for m, items in (media or {}).items()}
@@ -78,39 +89,68 @@ class CompositeProcessor:
         for m in media:
             if m not in self.modalities:
                 raise CompositionError(f"the composite has no modality {m!r}; it has {', '.join(self.modalities)}")
-        texts = [self.expand_markers(t) for t in ([text] if isinstance(text, str) else list(text))]
-        rows = [self.tokenizer(t, return_tensors="pt")["input_ids"][0] for t in texts]
+        taken = {m: frozenset(getattr(p, "options", ())) for m, p in self.preprocessors.items()}
+        unknown = sorted(set(options) - set().union(*taken.values()))
+        if unknown:
+            offered = "; ".join(f"{m}: {', '.join(sorted(o))}" for m, o in taken.items() if o) or "none"
+            raise CompositionError(f"no modality of this composite takes the processor option(s) {', '.join(unknown)} "
+                                   f"(options taken: {offered})")
+        texts = [text] if isinstance(text, str) else list(text)
+        rows = self._tokenize([self.expand_markers(t) for t in texts])
+        per_prompt = {m: [int((r == self.placeholder_ids[m]).sum()) for r in rows] for m in self.modalities}
         for m in self.modalities:
-            found = sum(int((r == self.placeholder_ids[m]).sum()) for r in rows)
-            given = len(media.get(m, []))
+            found, given = sum(per_prompt[m]), len(media.get(m, []))
             if found != given:
                 raise CompositionError(f"the prompt has {found} {self.placeholders[m]!r} placeholder(s) but "
                                        f"{given} {m} item(s) were given; put one placeholder per item")
+        features = {}
+        for m, items in media.items():
+            if not items:
+                continue
+            kwargs = {k: v for k, v in options.items() if k in taken[m]}
+            if m in self.by_prompt:  # its source lays an item out by how many share its prompt
+                kwargs["per_prompt"] = per_prompt[m]
+            features[m] = self.preprocessors[m](items, **kwargs)
+        # an item its family lays out as several (Gemma 3's crops): the prompt again, item by item
+        layouts = {m: self.layouts[m](self.item_text[m], features[m]) for m in features if m in self.layouts}
+        if any(t != self.item_text[m] for m, texts_m in layouts.items() for t in texts_m):
+            items = {m: iter(texts_m) for m, texts_m in layouts.items()}
+            rows = self._tokenize([self.expand_markers(t, items) for t in texts])
         width = max(len(r) for r in rows)
         input_ids = torch.zeros(len(rows), width, dtype=torch.long)
         attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
         for b, r in enumerate(rows):  # left padding, as generation needs
             input_ids[b, width - len(r):] = r
             attention_mask[b, width - len(r):] = 1
-        features = {m: self.preprocessors[m](items) for m, items in media.items() if items}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "media": features}
 
-    def expand_markers(self, text: str) -> str:
+    def _tokenize(self, texts: Sequence[str]) -> List[torch.Tensor]:
+        return [self.tokenizer(t, return_tensors="pt")["input_ids"][0] for t in texts]
+
+    def expand_markers(self, text: str, layouts: Optional[Mapping[str, Iterator[str]]] = None) -> str:
         """Generic markers -> the composite's placeholders, so one prompt works whatever the sources
         call theirs: a kind's marker (`<image>`, `<video>`, `<audio>`, and the other names families
         declare: families.marker_kinds) stands for the one modality of that kind (two of a kind: name it, `<image_med>`), and `<NAME>` for modality
         NAME. A marker that is some modality's own placeholder token (e.g. LLaVA's `<image>`) is that
         token; each source's own token keeps working (docs/runtime.md). Where a family wraps each
         item in special tokens (Gemma 3), a marker, and the family's own prompt token, becomes that
-        whole text (`Family.item_text`); its bare placeholder stays as written."""
-        own = set(self.placeholders.values())
+        whole text (`Family.item_text`); its bare placeholder stays as written. `layouts` gives, per
+        modality, each item's own text in prompt order (`Family.item_layout`), taken item by item."""
+        layouts = layouts or {}
 
         def item(m: str) -> str:
+            if m in layouts:
+                return next(layouts[m], self.item_text[m])
             return self.item_text.get(m, self.placeholders[m])
 
         def placeholder(match: "re.Match") -> str:
             marker, name = match.group(0), match.group(1)
-            if marker in own:
+            if marker in self.owner:
+                m = self.owner[marker]
+                if m in layouts and next(layouts[m], marker).count(self.placeholders[m]) > 1:
+                    raise CompositionError(
+                        f"modality {m!r}: the prompt writes its bare placeholder {marker!r} for an item its processor "
+                        f"lays out as several (pan-and-scan crops); write the marker <{m}> instead")
                 return marker
             if marker in self.prompt_tokens:
                 return item(self.prompt_tokens[marker])
@@ -121,7 +161,7 @@ class CompositeProcessor:
                 return marker  # not a media marker: ordinary text
             return item(self.modality_of_kind(kind))
 
-        return _MARKER.sub(placeholder, text)
+        return self.marker.sub(placeholder, text)
 
     def modality_of_kind(self, kind: str) -> str:
         matches = [m for m in self.modalities if self.kind(m) == kind]
