@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import save_file
@@ -175,3 +176,80 @@ def test_installed_entry_point_exits_nonzero(family, tmp_path):
     r = subprocess.run([str(Path(sys.executable).parent / "mergekit-mm-yaml"), str(cfg_path), str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "models" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_tokenizer_that_does_not_fit_its_embedding_is_named(family, tmp_path):
+    """The base's tokenizer holding ids past its embedding's rows (another model's tokenizer), or a
+    source's placeholder id outside its embedding: refused before anything is written."""
+    base = tmp_path / "base"
+    shutil.copytree(family.base, base)
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # LLaVA's: the base's 96 ids + <image>, <pad>
+        shutil.copy(family.sources["llava"] / f, base / f)
+    cfg = composite_config(family, "mmer", KINDS)
+    cfg["base_model"] = str(base)
+    assert_fails_cleanly(cfg, tmp_path, f"base ({base})", "tokenizer.json", "2 id(s) >= 96 (up to 97)",
+                         "model.embed_tokens.weight has 96 rows")
+    src = copy_source(family, "llava", tmp_path)
+    conf = json.loads((src / "config.json").read_text())
+    conf["image_token_index"] = 500
+    (src / "config.json").write_text(json.dumps(conf))
+    assert_fails_cleanly(config_with(family, "llava", src), tmp_path, str(src / "config.json"),
+                         "image_token_index = 500", "outside its model.embed_tokens.weight's 104 rows")
+
+
+def test_a_placeholder_in_unnamed_padding_rows(family, tmp_path):
+    """A source whose placeholder id is one of its vocabulary's unnamed padding rows (LLaVA pads 98
+    named ids to 104 rows): the composite names it after the modality (`<image_b>`), its row copied
+    from that source row; where that name is taken (LLaVA's own `<image>`), an error asks for
+    `placeholder:`, and an explicit one is used as given."""
+    src = copy_source(family, "llava", tmp_path)
+    conf = json.loads((src / "config.json").read_text())
+    conf["image_token_index"] = 100
+    (src / "config.json").write_text(json.dumps(conf))
+    assert_fails_cleanly(config_with(family, "llava", src), tmp_path, "placeholder id 100", "unnamed padding row",
+                         "'<image>' already names id 96", "placeholder:")
+    for modality, placeholder in (("image_b", None), ("image", "<picture>")):
+        cfg = {"merge_method": "mmer", "base_model": str(family.base), "dtype": "float32",
+               "models": [{"model": str(src), "modality": modality, **({"placeholder": placeholder} if placeholder else {})}]}
+        out = compose(cfg, str(tmp_path / modality))
+        entry = json.loads((Path(out) / "composite_config.json").read_text())["modalities"][modality]
+        assert entry["placeholder"] == (placeholder or "<image_b>")
+        assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(entry["placeholder"]) == \
+            entry["placeholder_id"]
+        row = read_dir(out)["model.embed_tokens.weight"][entry["placeholder_id"]]
+        torch.testing.assert_close(row, read_dir(src)["language_model.model.embed_tokens.weight"][100])
+
+
+def padded_base(family, tmp_path, rows=104) -> Path:
+    """The tiny base with its embedding and head padded past its tokenizer's 96 ids (as Qwen2's are)."""
+    base = tmp_path / "padded-base"
+    shutil.copytree(family.base, base)
+
+    def pad(sd):
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            sd[k] = torch.cat([sd[k], torch.zeros(rows - sd[k].shape[0], sd[k].shape[1])])
+
+    rewrite(base, pad)
+    conf = json.loads((base / "config.json").read_text())
+    conf["vocab_size"] = rows
+    (base / "config.json").write_text(json.dumps(conf))
+    return base
+
+
+def test_a_placeholder_in_the_bases_unnamed_rows_is_named_there(family, tmp_path):
+    """A base whose embedding is padded past its tokenizer (Qwen2: 151646 ids named of 152064 rows) and a
+    source whose placeholder is one of those rows (LLaVA-OneVision's <image> at 151646): the composite's
+    tokenizer names that row as the source does, and the processor's placeholder is that id. A token
+    the sources add past the rows would get another id from the tokenizer: refused before writing."""
+    from mergekit_multimodal.runtime import CompositeProcessor
+
+    base = padded_base(family, tmp_path)
+    cfg = {"merge_method": "mmer", "base_model": str(base), "dtype": "float32",
+           "models": [{"model": str(family.sources["llava"]), "modality": "image"}]}
+    out = compose(cfg, str(tmp_path / "c"))
+    proc = CompositeProcessor.from_pretrained(out)
+    assert proc.placeholders["image"] == "<image>" and proc.placeholder_ids["image"] == 96
+    assert proc.tokenizer.convert_tokens_to_ids("<image>") == 96 and len(proc.tokenizer) == 97
+    cfg["models"][0]["placeholder"] = "<picture>"
+    assert_fails_cleanly(cfg, tmp_path, f"base ({base}): its tokenizer names ids up to 95", "has 104 rows",
+                         "'<picture>'")

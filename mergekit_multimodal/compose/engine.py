@@ -187,11 +187,13 @@ def _write_tokenizer(plan: CompositePlan, out: str) -> None:
         if plan.vocab.carried:
             LOG.warning("base ships no tokenizer: added tokens %s are listed only in %s", plan.vocab.new_tokens, F.COMPOSITE_CONFIG)
         return
-    tok.add_tokens(plan.vocab.new_tokens, special_tokens=True)
-    for c in plan.vocab.carried:
-        got = tok.convert_tokens_to_ids(c.token)
-        if got != c.row:
-            raise CompositionError(f"tokenizer gave {c.token!r} id {got}, the plan expected {c.row}")
+    tok.add_tokens(plan.vocab.named + plan.vocab.new_tokens, special_tokens=True)
+    first = len(tok) - len(plan.vocab.named) - len(plan.vocab.new_tokens)
+    expected = [(t, first + k) for k, t in enumerate(plan.vocab.named)] + [(c.token, c.row) for c in plan.vocab.carried]
+    for token, row in expected:
+        got = tok.convert_tokens_to_ids(token)
+        if got != row:
+            raise CompositionError(f"tokenizer gave {token!r} id {got}, the plan expected {row}")
     tok.save_pretrained(out)
 
 

@@ -87,6 +87,9 @@ class VocabPlan:
     rows: int
     carried: List[CarriedRow] = field(default_factory=list)
     placeholders: Dict[str, Placeholder] = field(default_factory=dict)
+    #: names for the base rows its tokenizer leaves unnamed (a padded embedding), from the first one on,
+    #: where a source's placeholder lies among them: the composite's tokenizer adds them first
+    named: List[str] = field(default_factory=list)
 
     @property
     def new_tokens(self) -> List[str]:
@@ -99,13 +102,19 @@ def plan_vocabulary(base: Checkpoint, sources: Sequence[Checkpoint], modalities:
     if EMBED not in base.llm:
         raise CompositionError(f"base ({base.path}): no {EMBED} tensor")
     v0 = base.llm_shape(EMBED)[0]
+    _check_fits(f"base ({base.path})", base.path, base_tokenizer, v0)
     base_vocab = base_tokenizer.get_vocab() if base_tokenizer is not None else {}
     plan = VocabPlan(base_rows=v0, rows=v0)
     by_token: Dict[str, int] = {}
 
+    #: the first id the base's tokenizer leaves unnamed (its length), where its embedding has more rows
+    unnamed = len(base_tokenizer) if base_tokenizer is not None else v0
+
     def add(token: str, src: int, src_row: int) -> int:
         if token in base_vocab and base_vocab[token] < v0:
             return base_vocab[token]
+        if token in plan.named:
+            return unnamed + plan.named.index(token)
         if token not in by_token:
             row = v0 + len(plan.carried)
             plan.carried.append(CarriedRow(token, src, src_row, row))
@@ -124,7 +133,14 @@ def plan_vocabulary(base: Checkpoint, sources: Sequence[Checkpoint], modalities:
                 f"{src.label} ({src.path}): its vocabulary extends the base ({rows} > {v0} rows) but it ships "
                 "no tokenizer, so the added rows cannot be named"
             )
-        placeholder_id = _placeholder_id(src, modalities[i])
+        _check_fits(f"{src.label} ({src.path})", src.path, tok, rows)
+        key = src.layout.placeholder_key(src.config, modalities[i])
+        placeholder_id = int(src.config[key]) if key else None
+        if placeholder_id is not None and not 0 <= placeholder_id < rows:
+            raise CompositionError(
+                f"{src.label}: {os.path.join(src.path, 'config.json')} gives {key} = {placeholder_id}, outside its "
+                f"{EMBED}'s {rows} rows"
+            )
         for row in range(v0, rows):
             if tok is not None and row < len(tok):
                 token = tok.convert_ids_to_tokens(row)
@@ -138,9 +154,23 @@ def plan_vocabulary(base: Checkpoint, sources: Sequence[Checkpoint], modalities:
                 )
             continue
         token = overrides[i] or (tok.convert_ids_to_tokens(placeholder_id) if tok is not None else None)
-        if token is None:
+        if token is None:  # an unnamed (padding) row: the modality's marker names it, if no token has that name
             token = f"<{modalities[i]}>"
-        if overrides[i] or placeholder_id >= v0:
+            taken = by_token.get(token, base_vocab.get(token, (tok.get_vocab() if tok is not None else {}).get(token)))
+            if taken is not None:
+                raise CompositionError(
+                    f"{src.label}: its placeholder id {placeholder_id} ({key} in {os.path.join(src.path, 'config.json')}) "
+                    f"is an unnamed padding row of its vocabulary, and the default name {token!r} already names id "
+                    f"{taken}; set `placeholder:` on this model in the YAML to name it"
+                )
+            LOG.info("%s: placeholder id %d is unnamed in its tokenizer; the composite names it %s",
+                     src.label, placeholder_id, token)
+        if not overrides[i] and unnamed <= placeholder_id < v0:
+            # a base row its tokenizer does not name (Qwen2's padded embedding: LLaVA-OneVision's <image>
+            # at 151646): the composite's tokenizer names it, and the unnamed rows before it, as this source does
+            token = _name_base_rows(plan, src, tok, unnamed, placeholder_id, token, base_vocab, by_token)
+            composite_id = placeholder_id
+        elif overrides[i] or placeholder_id >= v0:
             composite_id = add(token, i, placeholder_id)
         else:
             composite_id = placeholder_id
@@ -152,12 +182,46 @@ def plan_vocabulary(base: Checkpoint, sources: Sequence[Checkpoint], modalities:
                 )
         plan.placeholders[modalities[i]] = Placeholder(modalities[i], token, composite_id)
 
+    first = unnamed + len(plan.named)
+    if plan.carried and first != v0:
+        # the composite's tokenizer appends the added tokens after the last id it names, not after the rows
+        raise CompositionError(
+            f"base ({base.path}): its tokenizer names ids up to {first - 1} but its {EMBED} has {v0} rows, so the "
+            f"tokens the sources add ({', '.join(repr(c.token) for c in plan.carried)}) would get ids from {first} in "
+            f"the composite's tokenizer while their rows start at {v0}. Composing a base whose embedding is padded "
+            f"past its tokenizer with added tokens is not supported yet (a `placeholder:` adds a token)"
+        )
     plan.rows = v0 + len(plan.carried)
     if pad_to_multiple_of and plan.rows % pad_to_multiple_of:
         plan.rows += pad_to_multiple_of - plan.rows % pad_to_multiple_of
     return plan
 
 
-def _placeholder_id(src: Checkpoint, modality: str) -> Optional[int]:
-    key = src.layout.placeholder_key(src.config, modality)
-    return int(src.config[key]) if key else None
+def _name_base_rows(plan: VocabPlan, src: Checkpoint, tok, unnamed: int, placeholder_id: int, token: str,
+                    base_vocab: Dict[str, int], carried: Dict[str, int]) -> str:
+    """Name the base's unnamed rows up to a source's placeholder id (`plan.named`, in id order, so the
+    composite's tokenizer gives each its id); the placeholder's name in the composite."""
+    for row in range(unnamed + len(plan.named), placeholder_id + 1):
+        name = token if row == placeholder_id else (tok.convert_ids_to_tokens(row) if tok is not None else None)
+        if name is None or name in base_vocab or name in carried or name in plan.named:
+            why = "its tokenizer does not name it" if name is None else f"its name {name!r} is taken"
+            raise CompositionError(
+                f"{src.label} ({src.path}): its placeholder id {placeholder_id} lies in the base's embedding rows its "
+                f"tokenizer leaves unnamed (from {unnamed}); the composite's tokenizer would have to name row {row} "
+                f"first, and {why}. Set `placeholder:` on this model in the YAML to give it its own token"
+            )
+        plan.named.append(name)
+    return plan.named[placeholder_id - unnamed]
+
+
+def _check_fits(label: str, path: str, tok, rows: int) -> None:
+    """A checkpoint's tokenizer gives only ids its embedding has rows for."""
+    if tok is None:
+        return
+    over = sorted(i for i in tok.get_vocab().values() if i >= rows)
+    if over:
+        files = ", ".join(n for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n)))
+        raise CompositionError(
+            f"{label}: its tokenizer ({files}) holds {len(over)} id(s) >= {rows} (up to {over[-1]}), but its {EMBED} "
+            f"has {rows} rows; the tokenizer does not fit this checkpoint's embedding (is it another model's?)"
+        )
