@@ -40,3 +40,13 @@ def gemma_family(tmp_path_factory):
 def onevision_family(tmp_path_factory):
     """LLaVA-OneVision (image) + LLaVA-Video (video), one class."""
     return build_tiny_family(tmp_path_factory.mktemp("onevision"), ("llava_onevision", "llava_video"))
+
+
+@pytest.fixture(scope="module")
+def sources(family, tmp_path_factory):
+    """DAMC sources: decoupled adapters trained for a few steps on the base, one per modality."""
+    from tests.test_damc import _peft_source
+
+    root = tmp_path_factory.mktemp("damc")
+    return {"image": _peft_source(family, root / "image", "image", 1),
+            "audio": _peft_source(family, root / "audio", "audio", 2)}

@@ -42,13 +42,6 @@ def _peft_source(family, out, modality, seed, steps=6):
     return save_decoupled(trained, str(out))
 
 
-@pytest.fixture(scope="module")
-def sources(family, tmp_path_factory):
-    root = tmp_path_factory.mktemp("damc")
-    return {"image": _peft_source(family, root / "image", "image", 1),
-            "audio": _peft_source(family, root / "audio", "audio", 2)}
-
-
 def _cfg(family, sources, lambdas=(0.3, 0.7), **params):
     models = [{"model": str(family.sources["llava"]), "modality": "image", "adapters": sources["image"]},
               {"model": str(family.sources["qwen2_audio"]), "modality": "audio", "adapters": sources["audio"]}]

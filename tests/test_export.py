@@ -20,7 +20,7 @@ from mergekit_multimodal.families import tiny_sources
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import SOURCE_KINDS, build_tiny_family
 from tests.helpers import MODALITY, composite_config, read_dir, read_json
-from tests.test_damc import TARGETS, _cfg, sources  # noqa: F401 - `sources` is the DAMC adapters fixture
+from tests.test_damc import TARGETS, _cfg
 from tests.test_processor import FIXTURE, KIND, source_inputs, write_media
 
 V0 = 96
