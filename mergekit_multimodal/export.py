@@ -154,9 +154,10 @@ def _named_tokens(path: str, entry: ModalityEntry, family, where: str) -> Dict[s
 
 def _exported_config(config: dict, manifest: Manifest, m: str, entry: ModalityEntry, family) -> Tuple[dict, Dict[str, int]]:
     """The source's config with the composite's vocabulary: its size, tied head, m's placeholder id.
-    Other token-id fields that point past the base vocabulary name rows of the source's own tokenizer,
-    which the composite does not keep: they are dropped (listed in the card), never left pointing at
-    another token of the composite's vocabulary."""
+    Other token-id fields that point past the base vocabulary, or at a token the composite added (inside
+    the base's rows where its embedding is padded past its tokenizer), name rows of the source's own
+    tokenizer, which the composite does not keep: they are dropped (listed in the card), never left
+    pointing at another token of the composite's vocabulary."""
     config = json.loads(json.dumps(config))
     text = config.setdefault("text_config", {})
     text["vocab_size"] = manifest.llm.vocab_size
@@ -164,11 +165,12 @@ def _exported_config(config: dict, manifest: Manifest, m: str, entry: ModalityEn
     key = SplitLayout(family).placeholder_key(config, m)
     if key is not None and entry.placeholder_id is not None:
         config[key] = entry.placeholder_id
-    dropped = {}
+    dropped, added = {}, {a.id for a in manifest.added_tokens}
     for section, prefix in ((config, ""), (text, "text_config.")):
         for k, v in list(section.items()):
             is_id = k.endswith(("_token_id", "_token_index")) or k in ("pad_token_id", "bos_token_id", "eos_token_id")
-            if (section is not config or k != key) and is_id and isinstance(v, int) and v >= manifest.llm.base_vocab_size:
+            if (section is not config or k != key) and is_id and isinstance(v, int) \
+                    and (v >= manifest.llm.base_vocab_size or v in added):
                 # a placeholder of the class's other input (Video-LLaVA's images) must stay an int: an id
                 # no token has, so that input is off; anything else is dropped
                 section[k] = manifest.llm.vocab_size if k in family.placeholder_keys else None

@@ -46,3 +46,17 @@ def mmer(base, sources, election="max", density=1.0, alpha=1.0, lam=1.0, mask="l
         den = np.abs(tau_star * m).sum()
         scales.append(np.abs(t).sum() / den if (rescale and den > 0) else 1.0)
     return base + alpha * tau_star, tau_star, masks, scales
+
+
+def composite_vocabulary(named, base_rows, added, pad_to=None):
+    """Where the composite's vocabulary puts the tokens sources add, from two facts only: a tokenizer
+    gives a token added to it the next id after the `named` ids it holds (named, named + 1, ...),
+    and the composite's embedding keeps the base's `base_rows` rows (a padded embedding: more rows
+    than its tokenizer names). Returns (the added tokens' ids, the base rows the method merges: every
+    base row no added token takes, the composite's row count, padded to a multiple of `pad_to`)."""
+    ids = [named + k for k in range(added)]
+    merged = np.array([r for r in range(base_rows) if r not in ids], dtype=np.int64)
+    rows = max([base_rows] + [i + 1 for i in ids])
+    if pad_to:
+        rows = -(-rows // pad_to) * pad_to
+    return ids, merged, rows

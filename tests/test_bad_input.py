@@ -239,8 +239,7 @@ def padded_base(family, tmp_path, rows=104) -> Path:
 def test_a_placeholder_in_the_bases_unnamed_rows_is_named_there(family, tmp_path):
     """A base whose embedding is padded past its tokenizer (Qwen2: 151646 ids named of 152064 rows) and a
     source whose placeholder is one of those rows (LLaVA-OneVision's <image> at 151646): the composite's
-    tokenizer names that row as the source does, and the processor's placeholder is that id. A token
-    the sources add past the rows would get another id from the tokenizer: refused before writing."""
+    tokenizer names that row as the source does, and the processor's placeholder is that id."""
     from mergekit_multimodal.runtime import CompositeProcessor
 
     base = padded_base(family, tmp_path)
@@ -250,6 +249,34 @@ def test_a_placeholder_in_the_bases_unnamed_rows_is_named_there(family, tmp_path
     proc = CompositeProcessor.from_pretrained(out)
     assert proc.placeholders["image"] == "<image>" and proc.placeholder_ids["image"] == 96
     assert proc.tokenizer.convert_tokens_to_ids("<image>") == 96 and len(proc.tokenizer) == 97
-    cfg["models"][0]["placeholder"] = "<picture>"
-    assert_fails_cleanly(cfg, tmp_path, f"base ({base}): its tokenizer names ids up to 95", "has 104 rows",
-                         "'<picture>'")
+
+
+@pytest.mark.parametrize("method", ["mmer", "naive_mc", "damc"])
+def test_a_token_added_on_a_padded_base_takes_its_next_unnamed_row(family, request, tmp_path, method):
+    """The same padded base with `placeholder: <picture>` (a token the composite adds): the composite's
+    tokenizer gives it the next id after those it names (96), one of the base's unnamed rows, which holds
+    the source's placeholder row on every route; padding to a multiple of 64 pads past the base's rows."""
+    from mergekit_multimodal.methods.routes import iter_route
+    from tests import reference
+
+    base = padded_base(family, tmp_path)
+    ids, merged_rows, rows = reference.composite_vocabulary(96, 104, 1, pad_to=64)
+    model = {"model": str(family.sources["llava"]), "modality": "image", "placeholder": "<picture>",
+             **({"adapters": request.getfixturevalue("sources")["image"]} if method == "damc" else {})}
+    out = compose({"merge_method": method, "base_model": str(base), "dtype": "float32", "models": [model],
+                   "pad_vocab_to_multiple_of": 64}, str(tmp_path / "c"))
+    manifest = json.loads((Path(out) / "composite_config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<picture>") == ids[0] == manifest["modalities"]["image"]["placeholder_id"] == 96
+    assert manifest["added_tokens"] == [{"token": "<picture>", "id": 96, "from": "image"}]
+    assert manifest["llm"]["vocab_size"] == rows == 128
+    merged, src, b = read_dir(out), read_dir(family.sources["llava"]), read_dir(base)
+    for name, key in (("model.embed_tokens.weight", "language_model.model.embed_tokens.weight"),
+                      ("lm_head.weight", "language_model.lm_head.weight")):
+        assert merged[name].shape[0] == 128 and not merged[name][104:].any()
+        if method == "naive_mc":  # one source: the merge is that source, on the rows merged
+            assert torch.equal(merged[name][merged_rows], src[key][merged_rows])
+        elif method == "damc":  # no adapter on vocabulary rows: the base's own
+            assert torch.equal(merged[name][merged_rows], b[name][merged_rows])
+        assert torch.equal(merged[name][96], src[key][96]), (method, name)
+        assert torch.equal(dict(iter_route(out, "image"))[name][96], src[key][96]), (method, name)

@@ -3,6 +3,7 @@ the image sequence around the soft tokens, the bidirectional attention within an
 both key layouts, and two Gemma 3 sources as two image routes (MMER retention: route m = source m)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,5 +229,181 @@ def test_tied_embeddings_and_left_padding(images, tmp_path):
     assert batch["attention_mask"][1, 0] == 0  # the short row is left-padded
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits[0], model(**alone).logits[0], rtol=1e-4, atol=1e-4)
-        short = model(**proc("w5 <image_med>", media={"image_med": images[0][:1]})).logits[0]
+        short = model(**proc("w5 <image_med>", media={"image_med": images[0]})).logits[0]
         torch.testing.assert_close(model(**batch).logits[1, -short.shape[0]:], short, rtol=1e-4, atol=1e-4)
+
+
+# -- a base whose embedding is padded past its tokenizer, as the real checkpoints' are ---------------
+#
+# google/gemma-3-4b-pt, -it and medgemma-4b-it hold 262208 embedding rows (Gemma3TextConfig's default
+# vocab_size) while their tokenizer names 262145 ids (262144 + <image_soft_token>, Gemma3Config's default
+# image_token_index 262144). The stand-ins: a Gemma 3 text base whose tokenizer is Gemma 3's own (96
+# words + <start_of_image>, <end_of_image>, <image_soft_token>: 99 ids) with 99 + PAD rows, and the two
+# sources padded alike. MedGemma's `placeholder: <image_med_soft_token>` adds a token: the composite's
+# tokenizer gives it id 99, one of the base's unnamed rows.
+
+PAD = 6
+NAMED = V0 + 3  # ids the base's tokenizer names
+SOFT_ID = V0 + 2  # <image_soft_token> in every input
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+ADDED = "<image_med_soft_token>"
+
+
+def _pad_rows(directory, keys, rows, seed):
+    """Pad `keys` (embedding / head) to `rows` rows with seeded random rows of the tensor's own scale."""
+    from mergekit_multimodal.testing import _rewrite_checkpoint
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def pad(key, t):
+        if key not in keys:
+            return key, t
+        extra = torch.randn(rows - t.shape[0], t.shape[1], generator=gen) * t.std()
+        return key, torch.cat([t, extra.to(t.dtype)])
+
+    _rewrite_checkpoint(directory, pad)
+
+
+def padded_family(root, tie=False):
+    import shutil
+
+    from mergekit_multimodal.testing import TinyFamily
+
+    fam = build_tiny_family(root, ("gemma3", "medgemma"), tie_word_embeddings=tie)
+    rows = NAMED + PAD
+    for seed, (kind, src) in enumerate(fam.sources.items(), 1):
+        _pad_rows(src, {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}, rows, seed)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["text_config"]["vocab_size"] = rows
+        (src / "config.json").write_text(json.dumps(cfg))
+    base = fam.base  # Gemma 3's tokenizer (its image tokens are base tokens), rows past it random
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(fam.sources["gemma3"] / name, base / name)
+    _pad_rows(base, {EMBED, HEAD}, rows, 0)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["vocab_size"] = rows
+    (base / "config.json").write_text(json.dumps(cfg))
+    return TinyFamily(base=base, sources=fam.sources, vocab_size=rows)
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    return padded_family(tmp_path_factory.mktemp("padded"))
+
+
+#: MMER with a TIES election (whole-tensor trim thresholds) and rescaled routes: both must not see the carried row
+PADDED_METHODS = {"mmer": {"election": "ties", "density": 0.7, "rescale": True}, "naive_mc": None}
+_PADDED = {}
+
+
+def _padded_composite(fam, method, tmp_path_factory):
+    key = (str(fam.base), method)
+    if key not in _PADDED:
+        cfg = composite_config(fam, method, ["gemma3", "medgemma"], parameters=PADDED_METHODS[method], dtype="float32")
+        _PADDED[key] = compose(cfg, str(tmp_path_factory.mktemp("c") / method))
+    return _PADDED[key]
+
+
+@pytest.mark.parametrize("method", list(PADDED_METHODS))
+def test_padded_base_added_token_takes_the_next_unnamed_row(padded, method, tmp_path_factory):
+    """The added placeholder gets the id the composite's tokenizer gives it (the base's first unnamed row),
+    its rows (embedding and head, every route) are MedGemma's own placeholder rows, and every other row
+    is the method's merge of the base's other rows, as the float64 reference computes it."""
+    from mergekit_multimodal.methods.mmer.masks import unpack_mask
+    from mergekit_multimodal.methods.routes import iter_route
+    from tests import reference
+    from tests.helpers import f64, llm_of
+
+    out = _padded_composite(padded, method, tmp_path_factory)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    base_tok = transformers.AutoTokenizer.from_pretrained(padded.base)
+    base_rows = read_dir(padded.base)[EMBED].shape[0]
+    ids, merged_rows, rows = reference.composite_vocabulary(len(base_tok), base_rows, 1)
+    assert ids == [NAMED] and rows == NAMED + PAD  # inside the base's rows: nothing appended
+    manifest = json.loads((Path(out) / "composite_config.json").read_text())
+    assert tok.convert_tokens_to_ids(ADDED) == ids[0] == manifest["modalities"]["image_med"]["placeholder_id"]
+    assert manifest["modalities"]["image"]["placeholder_id"] == SOFT_ID
+    assert manifest["added_tokens"] == [{"token": ADDED, "id": ids[0], "from": "image_med"}]
+    assert manifest["llm"]["vocab_size"] == rows == json.loads((Path(out) / "config.json").read_text())["vocab_size"]
+    assert len(tok) == NAMED + 1
+
+    base = read_dir(padded.base)
+    sources = [llm_of(read_dir(padded.sources[k])) for k in ("gemma3", "medgemma")]
+    merged, routes = read_dir(out), read_dir(Path(out) / "routes") if method == "mmer" else {}
+    assert set(merged) == set(base)
+    for name, b in base.items():
+        got = f64(merged[name])
+        if name not in (EMBED, HEAD):
+            keep = slice(None)
+        else:
+            keep = merged_rows
+            assert got.shape[0] == rows
+            # the carried row: MedGemma's own <image_soft_token> row, exactly
+            assert torch.equal(merged[name][ids[0]], sources[1][name][SOFT_ID]), name
+        srcs = [f64(s[name])[keep] for s in sources]
+        if method == "naive_mc":
+            np.testing.assert_allclose(got[keep], reference.naive_mc(srcs), rtol=1e-6, atol=1e-7, err_msg=name)
+            continue
+        p = PADDED_METHODS["mmer"]
+        want, tau, masks, scales = reference.mmer(f64(b)[keep], srcs, election=p["election"], density=p["density"],
+                                                  rescale=p["rescale"])
+        np.testing.assert_allclose(got[keep], want, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(f64(routes[name])[keep], tau, rtol=1e-6, atol=1e-6, err_msg=name)
+        for m, want_mask, scale in zip(("image", "image_med"), masks, scales):
+            mask = unpack_mask(routes[f"{m}/{name}"], merged[name].shape).numpy()
+            assert (mask[keep] != want_mask).mean() < 1e-3, (m, name)  # float32 vs float64: exact ties only
+            assert routes[f"{m}/{name}:scale"].item() == pytest.approx(scale, rel=1e-5), (m, name)
+            if name in (EMBED, HEAD):
+                assert not mask[ids[0]].any(), (m, name)
+        if name in (EMBED, HEAD):
+            assert not routes[name][ids[0]].any(), name  # no tau_* on the carried row
+    for m in ("image", "image_med"):  # every route keeps the carried rows as they are
+        route = dict(iter_route(out, m))
+        for name in (EMBED, HEAD):
+            assert torch.equal(route[name][ids[0]], sources[1][name][SOFT_ID].float()), (m, name)
+
+
+@pytest.mark.parametrize("route", ["image", "image_med"])
+def test_padded_base_route_m_is_source_m(padded, images, route, tmp_path_factory):
+    """route(m) of the padded composite runs an image prompt as source m's class does through its own
+    processor with route m's weights: every logit (the placeholder rows' inputs are the image features)."""
+    out = _padded_composite(padded, "mmer", tmp_path_factory)
+    proc, model = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    kind = {"image": "gemma3", "image_med": "medgemma"}[route]
+    soft = {"image": SOFT_ID, "image_med": NAMED}[route]
+    assert proc.placeholder_ids[route] == soft
+    inputs = proc(OWN_PROMPT.replace("<start_of_image>", f"<{route}>"), media={route: images[0]})
+    assert int((inputs["input_ids"] == soft).sum()) == 2
+    with torch.no_grad(), model.route(route):
+        got = model(**inputs).logits
+    source, batch = source_run(padded.sources[kind], images[1], lambda src: load_route_weights(src, out, route))
+    with torch.no_grad():
+        want = source(**batch).logits
+    assert got.shape == want.shape == (1, batch["input_ids"].shape[1], NAMED + PAD)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_base_export_of_the_added_placeholders_route(padded, images, tmp_path, tmp_path_factory):
+    """Route image_med exported as a Gemma3ForConditionalGeneration checkpoint: its config's image token is
+    the composite's id, its rows are MedGemma's, and through its own processor it gives route image_med's logits."""
+    from mergekit_multimodal.export import export
+
+    out = _padded_composite(padded, "mmer", tmp_path_factory)
+    exported = export(out, str(tmp_path / "e"), "image_med")
+    cfg = json.loads((Path(exported) / "config.json").read_text())
+    assert cfg["image_token_index"] == NAMED and cfg["text_config"]["vocab_size"] == NAMED + PAD
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(exported).eval()
+    src = transformers.Gemma3ForConditionalGeneration.from_pretrained(padded.sources["medgemma"])
+    for mine, theirs in ((model.get_input_embeddings(), src.get_input_embeddings()),
+                         (model.get_output_embeddings(), src.get_output_embeddings())):
+        assert torch.equal(mine.weight[NAMED], theirs.weight[SOFT_ID])
+    batch = transformers.AutoProcessor.from_pretrained(exported)(text=OWN_PROMPT, images=images[1],
+                                                                return_tensors="pt")
+    assert int((batch["input_ids"] == NAMED).sum()) == 2 * 4  # its processor writes the added placeholder
+    proc, composite = CompositeProcessor.from_pretrained(out), CompositeModel.from_pretrained(out)
+    inputs = proc(OWN_PROMPT.replace("<start_of_image>", "<image_med>"), media={"image_med": images[0]})
+    with torch.no_grad(), composite.route("image_med"):
+        want = composite(**inputs).logits
+    with torch.no_grad():
+        got = model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -106,7 +106,12 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
     inputs = ([plan.base] if method.uses_base else []) + plan.sources
     loaded = [c.get(job.name, check_finite=False) for c in inputs]
     full_sources = loaded[1:] if method.uses_base else loaded  # whole tensors: carried rows come from here
-    raw = [t[:rows] if job.vocab_rows else t for t in loaded]
+    # carried rows inside the base's rows (its embedding padded past its tokenizer) are no merge input:
+    # the method sees the other rows, gathered (`index`: their rows in the output)
+    ranges = plan.vocab.merged_ranges if job.vocab_rows else [(0, rows)]
+    index = None if ranges == [(0, rows)] else torch.cat([torch.arange(a, b) for a, b in ranges])
+    raw = [t[index] for t in loaded] if index is not None else [t[:rows] if job.vocab_rows else t for t in loaded]
+    rows = rows if index is None else len(index)
     params = method.resolve(job.name, job.t, plan.global_params, plan.source_params)
     base_raw = raw[0] if method.uses_base else None
     src_raw = raw[1:] if method.uses_base else raw
@@ -126,16 +131,17 @@ def _merge_tensor(plan: CompositePlan, job: TensorJob, writers) -> None:
             chunk.append(x)
         base = chunk[0] if method.uses_base else None
         sources = chunk[1:] if method.uses_base else chunk
+        out_rows = sl if index is None else index[sl]
         try:
-            out = merger.merge_chunk(sl, base, sources)
+            out = merger.merge_chunk(out_rows, base, sources)
         except CompositionError:
             raise
         except Exception as exc:
             raise CompositionError(f"merging LLM tensor {job.name!r} with {method.name} failed: {exc}") from exc
-        merged[sl] = out.to("cpu", job.out_dtype)
+        merged[out_rows] = out.to("cpu", job.out_dtype)
         del chunk, out
 
-    if job.vocab_rows:  # rows a source added are copied from it; padding rows stay zero
+    if job.vocab_rows:  # rows a source added are copied from it; padding rows past the base's stay zero
         for c in plan.vocab.carried:
             row = full_sources[c.source][c.source_row]
             plan.sources[c.source].check_finite(row, plan.sources[c.source].key(job.name))

@@ -2,17 +2,23 @@
 
 Sources often extend the base vocabulary (LLaVA-1.5: vicuna's 32000 rows + `<image>`, `<pad>`,
 padded to 32064) and several reuse one id for different placeholders. The composite keeps the
-base ids, then appends each named token a source added (first source wins a shared name), so
+base ids, then adds each named token a source added (first source wins a shared name), so
 every modality's placeholder gets its own, consistent id. Unnamed padding rows are dropped.
+
+The ids are the ones the composite's tokenizer gives: the next id after the last it names. Where the
+base's embedding is padded past its tokenizer (Gemma 3: 262145 ids named, 262208 rows), the added
+tokens therefore take the base's unnamed rows first, then rows appended past them; a carried row
+inside the base's rows is taken out of the merge (`VocabPlan.merged_ranges`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergekit_multimodal.compose.checkpoint import Checkpoint
 from mergekit_multimodal.errors import CompositionError
@@ -95,6 +101,19 @@ class VocabPlan:
     def new_tokens(self) -> List[str]:
         return [c.token for c in self.carried]
 
+    @property
+    def merged_ranges(self) -> List[Tuple[int, int]]:
+        """The base's rows the method merges, as [start, end) ranges: all of them but those a carried
+        token takes (inside them where the base's embedding is padded past its tokenizer)."""
+        ranges, start = [], 0
+        for row in sorted(c.row for c in self.carried if c.row < self.base_rows):
+            if row > start:
+                ranges.append((start, row))
+            start = row + 1
+        if start < self.base_rows:
+            ranges.append((start, self.base_rows))
+        return ranges
+
 
 def plan_vocabulary(base: Checkpoint, sources: Sequence[Checkpoint], modalities: Sequence[str],
                     overrides: Sequence[Optional[str]], base_tokenizer, source_tokenizers,
@@ -111,6 +130,8 @@ def plan_vocabulary(base: Checkpoint, sources: Sequence[Checkpoint], modalities:
     unnamed = len(base_tokenizer) if base_tokenizer is not None else v0
 
     def add(token: str, src: int, src_row: int) -> int:
+        """The token's composite id; a carried token's is provisional (v0 + its index) until every
+        name is known (`_place_carried`)."""
         if token in base_vocab and base_vocab[token] < v0:
             return base_vocab[token]
         if token in plan.named:
@@ -178,23 +199,32 @@ def plan_vocabulary(base: Checkpoint, sources: Sequence[Checkpoint], modalities:
             if other.token == token or other.id == composite_id:
                 raise CompositionError(
                     f"modalities {other.modality!r} and {modalities[i]!r} both use placeholder {token!r} "
-                    f"(id {composite_id}); set `placeholder:` on one of them in the YAML to give it its own token"
+                    f"({f'id {composite_id}' if composite_id < v0 else 'a token they add'}); set `placeholder:` on one of them in the YAML to give it its own token"
                 )
         plan.placeholders[modalities[i]] = Placeholder(modalities[i], token, composite_id)
 
-    first = unnamed + len(plan.named)
-    if plan.carried and first != v0:
-        # the composite's tokenizer appends the added tokens after the last id it names, not after the rows
-        raise CompositionError(
-            f"base ({base.path}): its tokenizer names ids up to {first - 1} but its {EMBED} has {v0} rows, so the "
-            f"tokens the sources add ({', '.join(repr(c.token) for c in plan.carried)}) would get ids from {first} in "
-            f"the composite's tokenizer while their rows start at {v0}. Composing a base whose embedding is padded "
-            f"past its tokenizer with added tokens is not supported yet (a `placeholder:` adds a token)"
-        )
-    plan.rows = v0 + len(plan.carried)
+    _place_carried(plan, unnamed + len(plan.named))
+    plan.rows = max([v0] + [c.row + 1 for c in plan.carried])
     if pad_to_multiple_of and plan.rows % pad_to_multiple_of:
         plan.rows += pad_to_multiple_of - plan.rows % pad_to_multiple_of
     return plan
+
+
+def _place_carried(plan: VocabPlan, first: int) -> None:
+    """Give the carried tokens the ids the composite's tokenizer will: it adds `plan.named` and then
+    them after the last id the base's tokenizer names, so the k-th takes id `first + k`. Those ids
+    are the base's unnamed rows while they last (a padded embedding: Gemma 3 names 262145 of its
+    262208 rows), then rows appended past the base's."""
+    v0 = plan.base_rows
+    free = max(0, v0 - first)
+    final = {v0 + k: first + k if k < free else v0 + k - free for k in range(len(plan.carried))}
+    plan.carried = [dataclasses.replace(c, row=final[c.row]) for c in plan.carried]
+    for m, ph in plan.placeholders.items():
+        if ph.id in final:
+            plan.placeholders[m] = dataclasses.replace(ph, id=final[ph.id])
+    if free and plan.carried:
+        LOG.info("the base's embedding has %d rows its tokenizer does not name (from %d): the added tokens %s take "
+                 "ids from %d", free, first, plan.new_tokens, first)
 
 
 def _name_base_rows(plan: VocabPlan, src: Checkpoint, tok, unnamed: int, placeholder_id: int, token: str,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from mergekit.config import ParameterSetting, evaluate_setting
@@ -89,14 +89,17 @@ class RouteFile:
 class TensorMerger:
     """Merges one LLM tensor chunk by chunk, then writes what the method keeps beside it.
 
-    The default merges each chunk with `method.merge` and writes nothing else.
+    The default merges each chunk with `method.merge` and writes nothing else. `merge_chunk`'s `rows`
+    are the chunk's rows in the output tensor: a slice, or an index tensor of rows where carried rows
+    lie inside the base's (compose/vocab.py: `VocabPlan.merged_ranges`); rows no chunk covers are
+    no merge input, and what a merger keeps for them stays zero.
     """
 
     def __init__(self, method: "CompositeMethod", plan: "CompositePlan", job: "TensorJob", params: TensorParams,
                  state: Any):
         self.method, self.plan, self.job, self.params, self.state = method, plan, job, params, state
 
-    def merge_chunk(self, rows: slice, base: Optional[torch.Tensor], sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    def merge_chunk(self, rows: Union[slice, torch.Tensor], base: Optional[torch.Tensor], sources: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.method.merge(base, sources, self.params, self.state).merged
 
     def finish(self, writers: Mapping[str, "PlannedShardWriter"]) -> None:
