@@ -339,3 +339,63 @@ def test_a_benchmark_video_fills_the_composites_one_video_modality(family, tmp_p
     res = evaluate(out, str(bench), route="auto", progress=False)
     assert res.predictions[0]["index"] == int(torch.argmax(logits[ids]))
     assert res.predictions[0]["route"] == "video_next" and res.subsets["video"].total == 1
+
+
+@pytest.mark.parametrize("pan_and_scan", [False, True])
+def test_gemma3_questions_are_laid_out_as_its_own_processor_lays_them_out(gemma_family, tmp_path, monkeypatch,
+                                                                          pan_and_scan):
+    """A Gemma 3 composite: the ids the evaluation feeds the model are Gemma3Processor's for the same
+    question written with Gemma's own `<start_of_image>` (each image between <start_of_image> and
+    <end_of_image>; with pan-and-scan on in the stored config, the crops laid out as it lays them), one
+    composite placeholder standing for the source's `mm_tokens_per_image` soft tokens."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from mergekit_multimodal.evaluation import running
+
+    out = compose(composite_config(gemma_family, "mmer", ["gemma3"]), str(tmp_path / "c"))
+    options = {}
+    if pan_and_scan:  # as a released config that turns it on would
+        options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}
+        cfg = Path(out) / "modalities" / "image" / "processor_config.json"
+        stored = json.loads(cfg.read_text())
+        stored["image_processor"].update(options)
+        cfg.write_text(json.dumps(stored))
+    img = tmp_path / "wide.png"  # 130 x 40: three crops with pan-and-scan
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 130, 3), dtype=np.uint8)).save(img)
+    bench = write_bench(tmp_path / "b", [
+        {"id": "m", "question": "w1 <image> w2", "choices": ["w3", "w4"], "labels": LABELS[:2], "answer": "w10",
+         "media": {"image": [str(img)]}},
+        {"id": "f", "question": "w5", "choices": ["w6", "w7"], "labels": LABELS[:2], "answer": "w11",
+         "media": {"image": [str(img)]}}])
+    # by hand: the prompts as the source's chat format writes them (the default template)
+    own = {"m": "w1 <start_of_image> w2\nw10. w3\nw11. w4\nAnswer:", "f": "<start_of_image> w5\nw10. w6\nw11. w7\nAnswer:"}
+    fed = []
+    forward = running.next_token_logits
+    monkeypatch.setattr(running, "next_token_logits", lambda model, inputs: fed.append(inputs) or forward(model, inputs))
+    res = evaluate(out, str(bench), batch_size=1, progress=False)
+    assert [p["id"] for p in res.predictions] == ["m", "f"] and len(fed) == 2
+    processor = transformers.AutoProcessor.from_pretrained(gemma_family.sources["gemma3"])
+    soft = CompositeProcessor.from_pretrained(out).placeholder_ids["image"]
+    for qid, inputs in zip(("m", "f"), fed):
+        want = processor(text=own[qid], images=[Image.open(img).convert("RGB")], return_tensors="pt", **options)
+        assert want["pixel_values"].shape[0] == (4 if pan_and_scan else 1)
+        got = [t for t in inputs["input_ids"][0].tolist() for _ in range(4 if t == soft else 1)]
+        assert got == want["input_ids"][0].tolist(), qid
+        torch.testing.assert_close(inputs["media"]["image"]["pixel_values"], want["pixel_values"])
+
+
+def test_item_markers_name_each_modality_unambiguously(gemma_family, tmp_path):
+    """What the evaluation writes for an item is a marker the processor expands to that modality's item
+    text; where `<m>` is another modality's placeholder and no other marker names m's item, an error."""
+    cfg = composite_config(gemma_family, "mmer", ["gemma3", "medgemma"])
+    cfg["models"][1]["placeholder"] = "<image>"  # image_med's placeholder is the marker of modality `image`
+    proc = CompositeProcessor.from_pretrained(compose(cfg, str(tmp_path / "c")))
+    assert proc.item_marker("image_med") == "<image_med>"
+    assert proc.expand_markers("<image_med>") == "\n\n<start_of_image><image><end_of_image>\n\n"
+    with pytest.raises(CompositionError, match=r"modality 'image': no marker stands for its item .*rename the modality"):
+        proc.item_marker("image")
+    cfg["models"][1]["placeholder"] = "<image_med_soft_token>"
+    proc = CompositeProcessor.from_pretrained(compose(cfg, str(tmp_path / "d")))
+    assert proc.item_marker("image") == "<image>" and proc.item_marker("image_med") == "<image_med>"

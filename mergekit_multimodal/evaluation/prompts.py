@@ -18,9 +18,12 @@ SCORINGS = ("logits", "first-label", "first-char")
 
 def build_prompt(q: Question, placeholders: Dict[str, str], template: str = DEFAULT_TEMPLATE,
                  labels: Sequence[str] = LETTERS, resolve: Optional[Dict[str, str]] = None) -> str:
-    """The question with `<m>` markers replaced by the composite's placeholders (or, with no marker,
-    one placeholder per item put in front), then `template` with {question} and {choices} filled
-    ({choices} ends with the question's `instruction`, if any)."""
+    """The question with `<m>` markers replaced by `placeholders[resolve[m]]`, what stands for one item
+    of each composite modality (or, with no marker, one per item put in front), then `template` with
+    {question} and {choices} filled ({choices} ends with the question's `instruction`, if any).
+    `evaluate` passes the processor's item markers (`CompositeProcessor.item_marker`), which the
+    processor expands as each source's processor lays an item out (Gemma 3's `<start_of_image>` ...
+    `<end_of_image>`, pan-and-scan crops); the composite's bare placeholders would skip that."""
     resolve = resolve or {m: m for m in q.media}
     text = q.question
     if any(n in q.media for n in _MARKER.findall(text)):
@@ -102,7 +105,8 @@ class _Answers:
 
 def _label_ids(proc, q: Question, prompt: str, labels, cache) -> List[List[int]]:
     labs = labels.of(q)
-    key = (prompt.rsplit("\n", 1)[-1], labs)  # the prompt's last line is the context the label follows
+    # the prompt's last line, as the processor expands its markers, is the context the label follows
+    key = (proc.expand_markers(prompt).rsplit("\n", 1)[-1], labs)
     if key not in cache:
         try:
             cache[key] = label_token_ids(proc.tokenizer, key[0], labs)

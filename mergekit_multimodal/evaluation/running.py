@@ -101,6 +101,7 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
             raise CompositionError(f"no route {route!r}; routes: {', '.join(routes) or 'none (not MMER)'}")
 
         jobs: Dict[Optional[str], List[Tuple[Question, str, Dict[str, str]]]] = {}
+        markers: Dict[str, str] = {}  # what a prompt writes for an item: the processor lays it out as the source's does
         skipped: Dict[str, int] = {}
         lacking = set()
         for q in questions:
@@ -111,8 +112,10 @@ def evaluate(model_dir: str, benchmark: Union[str, os.PathLike, Sequence[Questio
                                and sum(proc.kind(c) == m for c in proc.modalities) != 1)
                 continue
             r = resolve_route(route, proc.manifest, res.values())
-            jobs.setdefault(r, []).append((q, build_prompt(q, proc.placeholders, template, q.labels or labels.shown, res),
-                                           res))
+            for m in res.values():
+                if m not in markers:
+                    markers[m] = proc.item_marker(m)
+            jobs.setdefault(r, []).append((q, build_prompt(q, markers, template, q.labels or labels.shown, res), res))
         if not jobs:
             raise CompositionError(f"no question of the benchmark can be asked: the model has modalities "
                                    f"{', '.join(proc.modalities)}; skipped {sum(skipped.values())}, which need "

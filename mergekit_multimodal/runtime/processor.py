@@ -163,6 +163,27 @@ class CompositeProcessor:
 
         return self.marker.sub(placeholder, text)
 
+    def item_marker(self, modality: str) -> str:
+        """What a prompt writes for one item of `modality` so that this processor lays it out as the
+        source's processor does (`expand_markers`: the family's item text, e.g. Gemma 3's
+        `<start_of_image>` ... `<end_of_image>`, and its pan-and-scan crops; else the placeholder):
+        the marker `<modality>`, unless that names something else in this composite (another
+        modality's placeholder token), then the family's own prompt token, then the bare placeholder
+        where it is the whole item. Evaluation writes its questions' items with it."""
+        placeholder = self.placeholders[modality]
+        if not placeholder:
+            raise CompositionError(f"modality {modality!r} has no placeholder token: its items cannot be put in a prompt")
+        want = self.item_text.get(modality, placeholder)
+        own = [t for t, m in self.prompt_tokens.items() if m == modality]
+        for marker in [f"<{modality}>", *own, placeholder]:
+            try:
+                if self.expand_markers(marker) == want:
+                    return marker
+            except CompositionError:  # a kind's marker that is ambiguous here
+                continue
+        raise CompositionError(f"modality {modality!r}: no marker stands for its item {want!r} in this composite "
+                               f"(<{modality}> means something else here); rename the modality")
+
     def modality_of_kind(self, kind: str) -> str:
         matches = [m for m in self.modalities if self.kind(m) == kind]
         if len(matches) != 1:
