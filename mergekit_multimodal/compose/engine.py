@@ -3,7 +3,9 @@
 Reading goes through mergekit's LazyTensorLoader (memory-mapped, one tensor at a time, maps
 dropped after each tensor); merging runs in row chunks of CHUNK_ELEMENTS per input; writing goes
 straight to pre-planned shard files (shard_writer.py). Peak memory is therefore one output tensor
-(merged, tau_*, masks) plus one chunk's float32 working set, whatever the model or shard size.
+(merged, tau_*, masks) plus one chunk's float32 working set, whatever the model or shard size;
+where a carried token takes one of a padded base's rows, each input's embedding / head rows the
+method merges are gathered into a copy first (compose/vocab.py: `VocabPlan.merged_ranges`).
 """
 
 from __future__ import annotations
