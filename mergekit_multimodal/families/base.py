@@ -129,9 +129,6 @@ class Family:
     #: the most items of its modality one prompt may hold, where the source lays more out otherwise
     #: (LLaVA-OneVision stops tiling images when a prompt holds several): more is an error
     items_per_prompt: Optional[int] = None
-    #: tokenizer attributes the source's processor reads (Gemma 3's `boi_token`), token strings with
-    #: `{}` for the modality's placeholder: an exported checkpoint's tokenizer names them
-    named_tokens: Mapping[str, str] = field(default_factory=dict)
 
     def for_modality(self, modality: Optional[str]) -> "Family":
         """The family as it runs under this modality name (itself, or a declared variant)."""

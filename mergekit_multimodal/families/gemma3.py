@@ -20,7 +20,7 @@ from mergekit_multimodal.families.base import Encoder, Family, TinySource
 from mergekit_multimodal.runtime.preprocess import ImagePreprocessor
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-#: tokenizer attributes Gemma3Processor reads; `{}` is the modality's placeholder
+#: tokenizer attributes Gemma3Processor reads (the stand-in's tokenizer names them); `{}` is the placeholder
 NAMED_TOKENS = {"boi_token": BOI, "eoi_token": EOI, "image_token": "{}"}
 
 
@@ -90,7 +90,6 @@ FAMILY = Family(
     preprocessor=preprocessor,
     item_text=f"\n\n{BOI}{{}}{EOI}\n\n",
     prompt_token=BOI,
-    named_tokens=NAMED_TOKENS,
     llm_mask=llm_mask,
     # Gemma 3 and a fine-tune of it on a new image task (as MedGemma is): two image routes, the
     # second with its own placeholder (both sources call theirs <image_soft_token>)
