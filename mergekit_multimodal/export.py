@@ -449,6 +449,8 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
     LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), lora_dropout=0.0, bias="none",
                modules_to_save=sorted(module_of(n) for n in whole) or None,
                task_type="CAUSAL_LM" if layout is None else None,
+               # a tied head is the embedding: PEFT ties the head's adapter to the embedding's
+               ensure_weight_tying=manifest.llm.tie_word_embeddings and any(k == "embedding" for k, _, _ in factors.values()),
                base_model_name_or_path=base_path or path).save_pretrained(out)
     entry = manifest.modalities[m]
     if layout is None:
