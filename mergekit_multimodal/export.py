@@ -203,17 +203,12 @@ def _source_vocab(path: str, manifest: Manifest, m: str, entry: ModalityEntry, p
     v0 = manifest.llm.base_vocab_size
     names = {i: t for t, i in source.get_vocab().items()}
     composite_ids = composite.get_vocab() if composite is not None else {}
-    composite_names = {i: t for t, i in composite_ids.items()}
     added = {a.token: a for a in manifest.added_tokens}
     placeholder_id = source_config.get(placeholder_key) if placeholder_key else None
     index, remapped, borrowed = [], {}, {}
     for i in range(rows):
         token = names.get(i)
-        if i < v0:  # the shared rows: the route's own
-            if token is not None and composite_names.get(i, token) != token:
-                raise CompositionError(f"{where}: the source's tokenizer ({mdir}) has {token!r} at id {i}, the "
-                                       f"composite's ({path}) {composite_names[i]!r}: they do not share the base "
-                                       "vocabulary")
+        if i < v0:  # the shared rows (merged as one vocabulary; a source may name a reserved one its own way)
             index.append(i)
             continue
         if token is None:
