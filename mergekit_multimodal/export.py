@@ -1,20 +1,24 @@
 """`mergekit-mm-export`: one route of a composite as files any engine loads (docs/serving.md).
 
-Two forms, both streamed tensor by tensor into a directory written aside and renamed into place
+Three forms, all streamed tensor by tensor into a directory written aside and renamed into place
 (compose/output.py: lock, no half-written output, `--overwrite` refused by default):
 
 - **checkpoint**: modality m's own source class (config.json `architectures`), its LLM being route m
   (`methods.routes.iter_route`: MMER merged + (s_m mask_m - alpha) tau_*, DAMC W0 + dM_m, other
   methods the merged LLM), its encoder and connector as stored under `modalities/<m>/`, under the
   names the class holds them (the class built on the meta device says which; the family's
-  `SplitLayout` maps its LLM names to the composite's), with the source's config (vocabulary and
-  placeholder ids set to the composite's), the composite's tokenizer, m's processor files and a
-  model card. Loads with plain transformers.
+  `SplitLayout` maps its LLM names to the composite's). The vocabulary is the source's own: its
+  config.json, tokenizer and processor files as stored under `modalities/<m>/`, each embedding /
+  head row gathered from the composite's row of the same token (`_Vocab`; rows another source
+  brought, ids moved and padding rows are listed in the model card). Loads with plain transformers.
 - **LoRA** (`lora=True`): route m as a PEFT LoRA adapter over the merged LLM (the composite's
   root, a plain causal LM: the text route). Exact for DAMC's low-rank routes (B' = [B_m, -B_text],
   A' = [A_m; A_text]); anything else needs an explicit `rank` (a truncated SVD of route m minus the
   merged weight per tensor) and records each tensor's relative error and the logit error on a
   probe input in `export_report.json`.
+- **base + LoRA** (`lora=True, base=True`): `OUT/base`, the checkpoint form holding the merged LLM
+  instead of route m (the text route, with m's encoder and connector), and `OUT/lora`, the same
+  adapter under that class's module names and vocabulary: the pair vLLM's `default_mm_loras` serves.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import click
 import torch
@@ -31,7 +35,7 @@ import transformers
 from mergekit_multimodal.compose import output
 from mergekit_multimodal.compose.card import hub_ids
 from mergekit_multimodal.compose.checkpoint import _st_dtype
-from mergekit_multimodal.compose.vocab import TOKENIZER_FILES
+from mergekit_multimodal.compose.vocab import EMBED, HEAD, TOKENIZER_FILES, load_tokenizer
 from mergekit_multimodal.compose.writer import Entry, PlannedShardWriter
 from mergekit_multimodal.errors import CompositionError, cli_errors
 from mergekit_multimodal.families import LLM, SplitLayout, get_family
@@ -48,22 +52,37 @@ PROBE_LENGTH, PROBE_SEED = 16, 0
 
 
 def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Optional[int] = None,
-           overwrite: bool = False, shard_size: int = SHARD_SIZE) -> str:
-    """Write route `route` of `composite` to `out` (a checkpoint, or with `lora` a PEFT adapter) and
-    return its path; on any failure nothing is left at `out`.
+           base: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE) -> str:
+    """Write route `route` of `composite` to `out` (a checkpoint, or with `lora` a PEFT adapter; with
+    `base` too, `out/base` and `out/lora`: source m's class holding the merged LLM and the adapter
+    laid out for it) and return its path; on any failure nothing is left at `out`.
 
     >>> export("my-composite", "my-composite-image", "image")  # doctest: +SKIP
     """
     composite = os.path.abspath(composite)
+    out = os.path.abspath(out)
     manifest = Manifest.read(composite)
     entry = manifest.modality(route, composite)
     if rank is not None and not lora:
         raise CompositionError("--rank is for --lora (a low-rank adapter); a checkpoint export is exact")
+    if base and not lora:
+        raise CompositionError("--base is for --lora (the checkpoint an adapter applies to); a checkpoint export "
+                               "of the route needs no base")
     if rank is not None and rank < 1:
         raise CompositionError(f"--rank {rank}: must be at least 1")
     if lora:
-        plan = _lora_plan(composite, manifest, route, rank)
-        write = lambda tmp: _write_lora(composite, manifest, route, plan, rank, tmp)  # noqa: E731
+        kinds = _lora_plan(composite, manifest, route, rank)
+        if base:
+            plan = _checkpoint_plan(composite, manifest, route, entry)
+
+            def write(tmp):
+                os.makedirs(tmp)
+                _write_checkpoint(composite, manifest, route, entry, plan, os.path.join(tmp, "base"), shard_size,
+                                  merged=True)
+                _write_lora(composite, manifest, route, kinds, rank, os.path.join(tmp, "lora"), plan,
+                            os.path.join(out, "base"))
+        else:
+            write = lambda tmp: _write_lora(composite, manifest, route, kinds, rank, tmp)  # noqa: E731
     else:
         plan = _checkpoint_plan(composite, manifest, route, entry)
         write = lambda tmp: _write_checkpoint(composite, manifest, route, entry, plan, tmp, shard_size)  # noqa: E731
@@ -72,14 +91,38 @@ def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Op
 
 # -- checkpoint ------------------------------------------------------------------------------------
 
+class _Vocab:
+    """The exported vocabulary: the source's own (its tokenizer, stored under `modalities/<m>/`, and
+    its vocabulary size, padding included), each row taken from the composite's row of the same token."""
+
+    def __init__(self, rows: int, index: List[Optional[int]], remapped: Dict[str, Tuple[int, int]],
+                 borrowed: Dict[str, str]):
+        self.rows = rows
+        self.index = index  # exported id -> composite row; None: a padding row no token names
+        self.remapped = remapped  # token -> (composite id, exported id) where they differ
+        self.borrowed = borrowed  # token -> the modality whose source brought the composite's row (not m)
+        self.kept = [j for j, i in enumerate(index) if i is not None]
+        self.padding = [j for j, i in enumerate(index) if i is None]
+
+    def gather(self, w: torch.Tensor) -> torch.Tensor:
+        """Rows of a [composite vocabulary, ...] tensor as the exported ids hold them; a padding row is
+        the mean of the kept rows (transformers' mean-resizing without its noise: as an output row its
+        logit is the mean of the others', never the greedy choice)."""
+        rows = w[torch.tensor([self.index[j] for j in self.kept])]
+        out = w.new_empty((self.rows,) + tuple(w.shape[1:]))
+        out[self.kept] = rows
+        if self.padding:
+            out[self.padding] = rows.float().mean(0).to(w.dtype)
+        return out
+
+
 class _CheckpointPlan:
     def __init__(self, cls_name: str, config: dict, entries: List[Entry], llm_names: Dict[str, str],
-                 modality_names: Dict[str, str], dropped_ids: Dict[str, int]):
+                 modality_names: Dict[str, str], vocab: _Vocab):
         self.cls_name, self.config, self.entries = cls_name, config, entries
         self.llm_names = llm_names  # causal-LM name (the route's) -> name in the checkpoint
         self.modality_names = modality_names  # name under modalities/<m>/ -> name in the checkpoint
-        self.dropped_ids = dropped_ids  # config token-id fields the composite's vocabulary cannot name
-        self.named_tokens: Dict[str, str] = {}  # tokenizer attributes the source's processor reads
+        self.vocab = vocab
 
 
 def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry) -> _CheckpointPlan:
@@ -97,15 +140,20 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
             "no checkpoint plain transformers loads can hold this route; export its LLM route with --lora instead")
     mdir = os.path.join(path, entry.path)
     with open(os.path.join(mdir, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    config, dropped = _exported_config(config, manifest, m, entry, family)
+        source_config = json.load(f)
+    config = json.loads(json.dumps(source_config))
+    config["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
+    config.setdefault("text_config", {})["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
+    config.pop("transformers_version", None)
     try:
         cfg = cls.config_class.from_dict(config)
         with torch.device("meta"):
             model = cls(cfg)
     except Exception as exc:
-        raise CompositionError(f"{where}: {entry.architecture} cannot be built from {mdir}/config.json with the "
-                               f"composite's vocabulary ({type(exc).__name__}: {exc})") from None
+        raise CompositionError(f"{where}: {entry.architecture} cannot be built from {mdir}/config.json "
+                               f"({type(exc).__name__}: {exc})") from None
+    vocab = _source_vocab(path, manifest, m, entry, SplitLayout(family).placeholder_key(source_config, m),
+                          source_config, cfg.get_text_config().vocab_size, where)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     llm = header_shapes(path, "model")
     stored = header_shapes(mdir, "model")
@@ -114,7 +162,7 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
     for key, shape in expected.items():
         part, name = layout.classify(key)
         if part == LLM:
-            if name == "lm_head.weight" and manifest.llm.tie_word_embeddings:
+            if name == HEAD and manifest.llm.tie_word_embeddings:
                 continue  # tied: transformers takes the head from the embedding
             have, llm_names[name] = llm.get(name), key
             src = f"{path}/model*.safetensors"
@@ -125,71 +173,84 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
         if have is None:
             raise CompositionError(f"{where}: {entry.architecture} holds tensor {key!r}, which the composite lacks "
                                    f"(looked for {name!r} in {src})")
-        if tuple(have[0]) != shape:
+        got = tuple(have[0])
+        if part == LLM and name in (EMBED, HEAD):  # rows: the composite's vocabulary, gathered into the source's
+            got = (vocab.rows,) + got[1:]
+        if got != shape:
             raise CompositionError(f"{where}: tensor {name!r} in {src} is {list(have[0])}; {entry.architecture} "
                                    f"holds {key!r} as {list(shape)}")
         entries.append(Entry(key, shape, _st_dtype(have[1])))
-    extra = sorted(set(stored) - set(modality_names)) + sorted(set(llm) - set(llm_names) - {"lm_head.weight"})
+    extra = sorted(set(stored) - set(modality_names)) + sorted(set(llm) - set(llm_names) - {HEAD})
     if extra:
         raise CompositionError(f"{where}: {entry.architecture} has no place for tensor {extra[0]!r} "
                                f"({len(extra)} such); refusing to drop part of the route")
-    plan = _CheckpointPlan(entry.architecture, config, entries, llm_names, modality_names, dropped)
-    plan.named_tokens = _named_tokens(path, entry, family, where)
-    return plan
+    return _CheckpointPlan(entry.architecture, config, entries, llm_names, modality_names, vocab)
 
 
-def _named_tokens(path: str, entry: ModalityEntry, family, where: str) -> Dict[str, str]:
-    """The tokenizer attributes the source's processor reads (Family.named_tokens), each a token of
-    the composite's vocabulary (checked before anything is written)."""
-    if not family.named_tokens:
-        return {}
-    named = {k: v.format(entry.placeholder or "") for k, v in family.named_tokens.items()}
-    vocab = transformers.AutoTokenizer.from_pretrained(path).get_vocab()
-    missing = sorted(f"{k}={v!r}" for k, v in named.items() if v not in vocab)
-    if missing:
-        raise CompositionError(f"{where}: the source's processor reads tokenizer tokens {', '.join(missing)}, which "
-                               f"the composite's tokenizer ({path}) does not hold")
-    return named
+def _source_vocab(path: str, manifest: Manifest, m: str, entry: ModalityEntry, placeholder_key: Optional[str],
+                  source_config: dict, rows: int, where: str) -> _Vocab:
+    """Exported id -> composite row, for the source's own tokenizer (stored with its processor files):
+    base ids are the composite's; a token the source added takes the composite's row of that token (its
+    placeholder: the composite's placeholder of m, whatever the composite calls it); an id no token
+    names is padding. Checked before anything is written."""
+    mdir = os.path.join(path, entry.path)
+    source = load_tokenizer(mdir)
+    if source is None:
+        raise CompositionError(
+            f"{where}: {mdir} holds no tokenizer of the source (composed by an earlier version, or the source "
+            "ships none), so the source's own vocabulary cannot be written; compose it again with this version")
+    composite = load_tokenizer(path)
+    v0 = manifest.llm.base_vocab_size
+    names = {i: t for t, i in source.get_vocab().items()}
+    composite_ids = composite.get_vocab() if composite is not None else {}
+    added = {a.token: a for a in manifest.added_tokens}
+    placeholder_id = source_config.get(placeholder_key) if placeholder_key else None
+    index, remapped, borrowed = [], {}, {}
+    for i in range(rows):
+        token = names.get(i)
+        if i < v0:  # the shared rows (merged as one vocabulary; a source may name a reserved one its own way)
+            index.append(i)
+            continue
+        if token is None:
+            index.append(None)
+            continue
+        if i == placeholder_id and entry.placeholder_id is not None:
+            row, owner = entry.placeholder_id, m
+        elif token in added:
+            row, owner = added[token].id, added[token].from_
+        elif composite_ids.get(token, v0) < v0:
+            row, owner = composite_ids[token], m
+        else:
+            raise CompositionError(f"{where}: the source's token {token!r} (id {i}) has no row in the composite "
+                                   f"({path}); refusing to write a row it does not hold")
+        index.append(row)
+        if row != i:
+            remapped[token] = (row, i)
+        if owner != m:
+            borrowed[token] = owner
+    return _Vocab(rows, index, remapped, borrowed)
 
 
-def _exported_config(config: dict, manifest: Manifest, m: str, entry: ModalityEntry, family) -> Tuple[dict, Dict[str, int]]:
-    """The source's config with the composite's vocabulary: its size, tied head, m's placeholder id.
-    Other token-id fields that point past the base vocabulary, or at a token the composite added (inside
-    the base's rows where its embedding is padded past its tokenizer), name rows of the source's own
-    tokenizer, which the composite does not keep: they are dropped (listed in the card), never left
-    pointing at another token of the composite's vocabulary."""
-    config = json.loads(json.dumps(config))
-    text = config.setdefault("text_config", {})
-    text["vocab_size"] = manifest.llm.vocab_size
-    config["tie_word_embeddings"] = text["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
-    key = SplitLayout(family).placeholder_key(config, m)
-    if key is not None and entry.placeholder_id is not None:
-        config[key] = entry.placeholder_id
-    dropped, added = {}, {a.id for a in manifest.added_tokens}
-    for section, prefix in ((config, ""), (text, "text_config.")):
-        for k, v in list(section.items()):
-            is_id = k.endswith(("_token_id", "_token_index")) or k in ("pad_token_id", "bos_token_id", "eos_token_id")
-            if (section is not config or k != key) and is_id and isinstance(v, int) \
-                    and (v >= manifest.llm.base_vocab_size or v in added):
-                # a placeholder of the class's other input (Video-LLaVA's images) must stay an int: an id
-                # no token has, so that input is off; anything else is dropped
-                section[k] = manifest.llm.vocab_size if k in family.placeholder_keys else None
-                dropped[prefix + k] = v
-    config.pop("transformers_version", None)
-    return config, dropped
+def _merged_llm(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The merged LLM (the composite's root: the text route), tensor by tensor."""
+    merged = open_stream(path, "model")
+    for name in merged.index.tensor_paths:
+        yield name, merged.get_tensor(name)
+    merged.flush()
 
 
 def _write_checkpoint(path: str, manifest: Manifest, m: str, entry: ModalityEntry, plan: _CheckpointPlan,
-                      out: str, shard_size: int) -> None:
+                      out: str, shard_size: int, merged: bool = False) -> None:
+    """Route m's checkpoint; `merged`: the same class holding the merged LLM (an adapter's base)."""
     os.makedirs(out)
     dtypes = {e.name: e.dtype for e in plan.entries}
     writer = PlannedShardWriter(out, plan.entries, shard_size)
     try:
-        for name, w in iter_route(path, m):
+        for name, w in (_merged_llm(path) if merged else iter_route(path, m)):
             output.check_signals()
             if name in plan.llm_names:
                 key = plan.llm_names[name]
-                writer.write(key, w.to(dtypes[key]))
+                writer.write(key, (plan.vocab.gather(w) if name in (EMBED, HEAD) else w).to(dtypes[key]))
         mdir = os.path.join(path, entry.path)
         stream = open_stream(mdir, "model")
         for name, key in plan.modality_names.items():
@@ -202,11 +263,12 @@ def _write_checkpoint(path: str, manifest: Manifest, m: str, entry: ModalityEntr
     writer.close()
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.config, f, indent=2)
-    _copy(path, out, TOKENIZER_FILES + F.BASE_FILES)
-    _name_tokens(out, plan.named_tokens)
-    _copy(os.path.join(path, entry.path), out, F.PROCESSOR_FILES)
-    _set_processor_token(out, entry, get_family(entry.family, modality=m).kind)
-    _write_card(out, manifest, m, entry, f"`{plan.cls_name}` checkpoint", plan.dropped_ids)
+    mdir = os.path.join(path, entry.path)
+    _copy(path, out, F.BASE_FILES)
+    _copy(mdir, out, TOKENIZER_FILES + F.PROCESSOR_FILES)  # the source's own tokenizer and processor
+    what = (f"`{plan.cls_name}` checkpoint holding the composite's merged LLM (the text route), the base of "
+            f"modality `{m}`'s adapter" if merged else f"`{plan.cls_name}` checkpoint")
+    _write_card(out, manifest, m, entry, what, _vocab_text(plan.vocab, manifest, m))
 
 
 def _copy(src_dir: str, out: str, names) -> None:
@@ -215,35 +277,33 @@ def _copy(src_dir: str, out: str, names) -> None:
             shutil.copy(os.path.join(src_dir, name), os.path.join(out, name))
 
 
-def _name_tokens(out: str, named: Dict[str, str]) -> None:
-    """tokenizer_config.json's `extra_special_tokens` (how transformers sets attributes such as
-    `boi_token` / `boi_token_id`) gets the tokens the source's processor reads."""
-    file = os.path.join(out, "tokenizer_config.json")
-    if not named or not os.path.exists(file):
-        return
-    with open(file, encoding="utf-8") as f:
-        data = json.load(f)
-    extra = data.get("extra_special_tokens") if isinstance(data.get("extra_special_tokens"), dict) else {}
-    data["extra_special_tokens"] = {**extra, **named}
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+def _vocab_text(vocab: _Vocab, manifest: Manifest, m: str) -> str:
+    """The card's account of the exported vocabulary: what is remapped, borrowed or padding."""
+    lines = [f"Token ids are the source's own (its tokenizer is included; vocabulary size {vocab.rows}). Rows "
+             f"0-{manifest.llm.base_vocab_size - 1} are the base vocabulary's."]
+    for token, (row, i) in vocab.remapped.items():
+        lines.append(f"- `{token}` (id {i}): the composite's row {row}, moved to the source's id.")
+    for token, owner in vocab.borrowed.items():
+        lines.append(f"- `{token}`: the composite keeps one row per token and took this one from modality "
+                     f"`{owner}`'s source, not from this route's source.")
+    if vocab.padding:
+        lines.append(f"- ids {_ranges(vocab.padding)}: padding rows no token names (the source pads its vocabulary; "
+                     "the composite does not store those rows): each is the mean of the other rows, so its logit is "
+                     "their mean and never the greedy choice.")
+    return "\n".join(lines) + "\n"
 
 
-def _set_processor_token(out: str, entry: ModalityEntry, kind: Optional[str]) -> None:
-    """A processor config naming its placeholder (`image_token`, ...) names the composite's one."""
-    file = os.path.join(out, "processor_config.json")
-    if not (kind and entry.placeholder and os.path.exists(file)):
-        return
-    with open(file, encoding="utf-8") as f:
-        data = json.load(f)
-    if isinstance(data, dict) and f"{kind}_token" in data:
-        data[f"{kind}_token"] = entry.placeholder
-        with open(file, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+def _ranges(ids: List[int]) -> str:
+    out, start = [], ids[0]
+    for a, b in zip(ids, ids[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
 
 
-def _write_card(out: str, manifest: Manifest, m: str, entry: ModalityEntry, what: str,
-                dropped: Optional[Dict[str, int]] = None, extra: str = "") -> None:
+def _write_card(out: str, manifest: Manifest, m: str, entry: ModalityEntry, what: str, vocab_text: str,
+                extra: str = "") -> None:
     from huggingface_hub import ModelCardData
 
     sources = [manifest.base_model] + [e.source for e in manifest.modalities.values()]
@@ -252,10 +312,6 @@ def _write_card(out: str, manifest: Manifest, m: str, entry: ModalityEntry, what
                          library_name="peft" if "LoRA" in what else "transformers",
                          tags=["merge", "mergekit-multimodal", manifest.merge_method, f"route-{m}"])
     listed = "\n".join(f"- `{s}`" for s in sources)
-    dropped_text = "".join(
-        f"\nConfig field `{k}` (source id {v}) names a row of the source's own tokenizer, which the composite does "
-        f"not keep: it is unset (a placeholder of another input is set to {manifest.llm.vocab_size}, an id no token "
-        "has, so that input is off).\n" for k, v in (dropped or {}).items())
     text = f"""---
 {data.to_yaml()}
 ---
@@ -267,9 +323,7 @@ mergekit-multimodal). The whole request runs on this route. Composite sources (b
 
 {listed}
 
-Token ids are the composite's (its tokenizer is included); `{entry.placeholder}` (id {entry.placeholder_id}) is
-this modality's placeholder.
-{dropped_text}{extra}"""
+{vocab_text}{extra}"""
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -331,7 +385,11 @@ def _factors(delta, route: int, kind: str, rank: Optional[int]) -> Tuple[torch.T
     return a, b, err
 
 
-def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], rank: Optional[int], out: str) -> None:
+def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], rank: Optional[int], out: str,
+                layout: Optional[_CheckpointPlan] = None, base_path: Optional[str] = None) -> None:
+    """The adapter over the merged LLM: as a causal LM (the composite's root, composite ids), or with
+    `layout` over source m's class holding the merged LLM (`base_path`; its module names and the
+    source's vocabulary, rows gathered as the base's are)."""
     from peft import LoraConfig
 
     from mergekit_multimodal.methods import get_method
@@ -345,20 +403,26 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
     for name, kind in kinds.items():  # one tensor's delta at a time; the factors are low-rank
         output.check_signals()
         delta = method.read_deltas(path, manifest, list(manifest.modalities), torch.float32, only=(name,)).get(name)
-        if delta is None:
-            continue
+        if delta is None or (layout is not None and name not in layout.llm_names):
+            continue  # (a tied head: the class takes it from the embedding)
         dtype = _st_dtype(shapes[name][1])
         if kind == "other":  # a norm: LoRA has no form for it; PEFT keeps the route's whole weight (modules_to_save)
             whole[name] = delta.apply(merged.get_tensor(name).float(), route).to(dtype)
             continue
         a, b, err = _factors(delta, route, kind, rank)
+        if layout is not None and kind == "embedding":  # delta^T = B A: A's columns are the vocabulary's rows
+            a = layout.vocab.gather(a.T).T
+        elif layout is not None and name == HEAD:  # delta = B A: B's rows
+            b = layout.vocab.gather(b)
         factors[name] = (kind, a.to(dtype), b.to(dtype))
         errors[name] = err
     merged.flush()
+    module_of = ((lambda n: layout.llm_names[n].rsplit(".", 1)[0]) if layout is not None else
+                 (lambda n: n.rsplit(".", 1)[0]))
     r = max((a.shape[0] for _, a, _ in factors.values()), default=1)
     tensors, targets = {}, []
     for name, (kind, a, b) in factors.items():
-        module = name.rsplit(".", 1)[0]
+        module = module_of(name)
         targets.append(module)
         pad = r - a.shape[0]  # zero rows/columns keep B A unchanged: one rank for every module
         a = torch.cat([a, a.new_zeros(pad, a.shape[1])], 0)
@@ -370,7 +434,7 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
     for name, w in whole.items():
-        tensors[f"base_model.model.{name}"] = w.contiguous()
+        tensors[f"base_model.model.{module_of(name)}.weight"] = w.contiguous()
     if not tensors:
         raise CompositionError(f"{path}: route {m!r} equals the merged LLM on every tensor a LoRA adapter can hold; "
                                "there is nothing to export")
@@ -378,29 +442,45 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
 
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
     LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), lora_dropout=0.0, bias="none",
-               modules_to_save=sorted(n.rsplit(".", 1)[0] for n in whole) or None,
-               task_type="CAUSAL_LM", base_model_name_or_path=path).save_pretrained(out)
-    _copy(path, out, TOKENIZER_FILES)
+               modules_to_save=sorted(module_of(n) for n in whole) or None,
+               task_type="CAUSAL_LM" if layout is None else None,
+               # a tied head is the embedding: PEFT ties the head's adapter to the embedding's
+               ensure_weight_tying=manifest.llm.tie_word_embeddings and any(k == "embedding" for k, _, _ in factors.values()),
+               base_model_name_or_path=base_path or path).save_pretrained(out)
+    entry = manifest.modalities[m]
+    if layout is None:
+        _copy(path, out, TOKENIZER_FILES)
+    else:
+        _copy(os.path.join(path, entry.path), out, TOKENIZER_FILES)
     exact = rank is None
     report = {"composite": path, "route": m, "merge_method": manifest.merge_method, "rank": r, "exact": exact,
               "relative_error": errors, "whole_weights": sorted(whole)}
     if not exact:
-        report["probe"] = _probe_error(path, m, out)
+        report["probe"] = _probe_error(path, m, out, layout, os.path.join(os.path.dirname(out), "base"))
     with open(os.path.join(out, REPORT), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     worst = max(errors.values(), default=0.0)
-    note = ("Exact: route m's LLM weights are the merged LLM plus this adapter." if exact else
+    note = ("Exact: route m's LLM weights are the base's merged LLM plus this adapter." if exact else
             f"Approximate (rank {r}): largest relative error per tensor {worst:.4g}, relative logit error on a probe "
             f"input {report['probe']['relative_error']:.4g}; per tensor in `{REPORT}`.")
-    entry = manifest.modalities[m]
-    _write_card(out, manifest, m, entry, "PEFT LoRA adapter (over the composite's merged LLM)",
-                extra=f"\n{note} Base model: the composite directory's merged LLM (`AutoModelForCausalLM`). "
-                      "The adapter holds the LLM route only; the encoder and connector are the composite's "
-                      f"`modalities/{m}/`.\n")
+    if layout is None:
+        _write_card(out, manifest, m, entry, "PEFT LoRA adapter (over the composite's merged LLM)",
+                    "Token ids are the composite's (its tokenizer is included).\n",
+                    extra=f"\n{note} Base model: the composite directory's merged LLM (`AutoModelForCausalLM`). "
+                          "The adapter holds the LLM route only; the encoder and connector are the composite's "
+                          f"`modalities/{m}/`.\n")
+    else:
+        _write_card(out, manifest, m, entry, f"PEFT LoRA adapter (over `{layout.cls_name}` holding the composite's "
+                    "merged LLM, `../base`)", _vocab_text(layout.vocab, manifest, m),
+                    extra=f"\n{note} Base model: `../base` (source `{m}`'s class with the merged LLM, the text route); "
+                          "serve both with vLLM's `--default-mm-loras` (docs/serving.md).\n")
 
 
-def _probe_error(path: str, m: str, adapter: str) -> Dict[str, float]:
-    """The adapter over the merged LLM against route m itself, on fixed token ids of the base vocabulary."""
+def _probe_error(path: str, m: str, adapter: str, layout: Optional[_CheckpointPlan] = None,
+                 base_path: Optional[str] = None) -> Dict[str, float]:
+    """The adapter over its base against route m itself, on fixed token ids of the base vocabulary
+    (the same ids in both vocabularies; with `layout` the logits compared column by column through
+    its vocabulary's index)."""
     from peft import PeftModel
 
     from mergekit_multimodal.runtime import CompositeModel
@@ -411,9 +491,15 @@ def _probe_error(path: str, m: str, adapter: str) -> Dict[str, float]:
     with torch.no_grad(), model.route(m):
         want = model(ids).logits.float()
     del model
-    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if layout is None:
+        base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        base = getattr(transformers, layout.cls_name).from_pretrained(base_path, dtype=torch.float32)
     with torch.no_grad():
         got = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits.float()
+    if layout is not None:
+        got = got[..., layout.vocab.kept]
+        want = want[..., [layout.vocab.index[j] for j in layout.vocab.kept]]
     return {"relative_error": float((got - want).norm() / want.norm()),
             "max_abs_error": float((got - want).abs().max()), "tokens": PROBE_LENGTH}
 
@@ -427,17 +513,21 @@ def _probe_error(path: str, m: str, adapter: str) -> Dict[str, float]:
 @click.option("--lora", is_flag=True, help="a PEFT LoRA adapter over the merged LLM instead of a checkpoint")
 @click.option("--rank", type=int, default=None,
               help="--lora of a route that is not low-rank (MMER): the SVD rank (the error is reported)")
+@click.option("--base", is_flag=True,
+              help="with --lora: OUT/base (source ROUTE's class holding the merged LLM, the text route) and OUT/lora "
+                   "(the adapter laid out for it), the pair vLLM's --default-mm-loras serves")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--debug", is_flag=True, help="show the traceback of an error")
-def main(composite, out, route, lora, rank, overwrite, debug):
+def main(composite, out, route, lora, rank, base, overwrite, debug):
     """Export route ROUTE of COMPOSITE to OUT: its source's own transformers checkpoint, or (--lora)
     a PEFT adapter over the merged LLM. docs/serving.md shows how to serve the result."""
     with cli_errors(1, debug):
-        path = export(composite, out, route, lora=lora, rank=rank, overwrite=overwrite)
+        path = export(composite, out, route, lora=lora, rank=rank, base=base, overwrite=overwrite)
         if lora and rank is not None:
-            with open(os.path.join(path, REPORT), encoding="utf-8") as f:
+            file = os.path.join(path, "lora" if base else "", REPORT)
+            with open(file, encoding="utf-8") as f:
                 report = json.load(f)
             worst = max(report["relative_error"].values(), default=0.0)
             click.echo(f"rank {report['rank']}: largest relative error per tensor {worst:.4g}, probe logit relative error "
-                       f"{report['probe']['relative_error']:.4g} (per tensor: {os.path.join(path, REPORT)})")
+                       f"{report['probe']['relative_error']:.4g} (per tensor: {file})")
         click.echo(path)

@@ -21,7 +21,7 @@ from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import SOURCE_KINDS, build_tiny_family
 from tests.helpers import MODALITY, composite_config, read_dir, read_json
 from tests.test_damc import TARGETS, _cfg
-from tests.test_processor import FIXTURE, KIND, source_inputs, write_media
+from tests.test_processor import FIXTURE, KIND, PLACEHOLDER, source_inputs, write_media
 
 V0 = 96
 #: stand-ins whose family is not a transformers class (its own loader): no checkpoint can hold them
@@ -79,8 +79,13 @@ def test_exported_checkpoint_reproduces_the_route(kind, request, tmp_path, tmp_p
     exported, info = _load_exported(out)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
     manifest = read_json(os.path.join(c, "composite_config.json"))
-    placeholder = manifest["modalities"][m]["placeholder"]
-    assert exported.config.get_text_config().vocab_size == manifest["llm"]["vocab_size"]
+    # the source's own vocabulary: its tokenizer's tokens at its ids, its vocabulary size (padding too)
+    own_tok = transformers.AutoTokenizer.from_pretrained(fam.sources[kind])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == own_tok.get_vocab()
+    own_cfg = transformers.AutoConfig.from_pretrained(fam.sources[kind])
+    assert exported.config.get_text_config().vocab_size == own_cfg.get_text_config().vocab_size
+    placeholder = PLACEHOLDER[kind]  # the source's own name for it, whatever the composite calls it
 
     proc = CompositeProcessor.from_pretrained(c)
     model = CompositeModel.from_pretrained(c)
@@ -92,7 +97,6 @@ def test_exported_checkpoint_reproduces_the_route(kind, request, tmp_path, tmp_p
     n_features = model.encoders[m].features(inputs["media"][m])[0].shape[0]
     with torch.no_grad(), model.route(m):
         want = model(**inputs).logits
-        want_new = model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
     # the exported side: its own files only (tokenizer, processor config, config.json)
     if spec.prompt_token:  # the family's own processor lays the prompt out (Gemma 3: token types for its mask)
@@ -108,16 +112,32 @@ def test_exported_checkpoint_reproduces_the_route(kind, request, tmp_path, tmp_p
             # its video processor needs torchvision: both sides take the composite's frames (whose steps
             # tests/test_llava_onevision.py checks against a hand computation)
             media = {"pixel_values_videos": inputs["media"][m]["pixel_values_videos"]}
-        tok = transformers.AutoTokenizer.from_pretrained(out)
         text = "w1 w2 " + " ".join(_expanded(kind, exported.config, media, n_features, placeholder)) + " w3 w4"
         ids = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
         got = exported(input_ids=ids, **media).logits
         got_seq = exported.generate(input_ids=ids, **media, max_new_tokens=4, do_sample=False)
-    assert got.shape[-1] == want.shape[-1] == manifest["llm"]["vocab_size"]
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert got_seq[0, ids.shape[1]:].tolist() == want_new[0].tolist()
+    # exported id -> composite id, by token: the same token (the placeholder: the composite's placeholder of m)
+    composite_ids = proc.tokenizer.get_vocab()
+    named = {i: t for t, i in own_tok.get_vocab().items() if i < got.shape[-1]}
+    to_composite = {i: manifest["modalities"][m]["placeholder_id"] if t == placeholder else composite_ids[t]
+                    for i, t in named.items()}
+    assert sorted(to_composite) == list(range(len(to_composite)))  # every named row, base ids the same
+    assert all(to_composite[i] == i for i in range(V0))
+    mine = sorted(to_composite)
+    theirs = [to_composite[i] for i in mine]
+    assert got.shape[:-1] == want.shape[:-1]
+    torch.testing.assert_close(got[..., mine], want[..., theirs], rtol=1e-5, atol=1e-5)
+    padding = list(range(len(to_composite), got.shape[-1]))  # rows no token names (LLaVA-1.5 pads to 8)
+    assert bool(padding) == (own_cfg.get_text_config().vocab_size > len(own_tok))
+    if padding:  # each the mean of the named rows: its logit is their mean
+        torch.testing.assert_close(got[..., padding], got[..., mine].mean(-1, keepdim=True).expand_as(got[..., padding]),
+                                   rtol=1e-5, atol=1e-5)
+    # greedy: the route's, among the tokens the source has (another source's added token is not one of them)
+    others = sorted(set(range(want.shape[-1])) - set(theirs))
+    with torch.no_grad(), model.route(m):
+        want_new = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=others or None)
+    assert [to_composite[i] for i in got_seq[0, ids.shape[1]:].tolist()] == want_new[0].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +145,7 @@ def mmer(family, tmp_path_factory):
     return _composite(family, ["llava", "qwen2_audio"], tmp_path_factory)
 
 
-def test_checkpoint_files_and_card(mmer, tmp_path):
+def test_checkpoint_files_and_card(mmer, family, tmp_path):
     out = export(mmer, str(tmp_path / "e"), "image", shard_size=20_000)
     files = sorted(os.listdir(out))
     index = read_json(os.path.join(out, "model.safetensors.index.json"))
@@ -140,9 +160,19 @@ def test_checkpoint_files_and_card(mmer, tmp_path):
         assert f"`{entry['source']}`" in card
     cfg = read_json(os.path.join(out, "config.json"))
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
-    assert cfg["image_token_index"] == entries["image"]["placeholder_id"]
-    assert cfg["text_config"]["pad_token_id"] is None  # the source's own <pad> id: not a composite id
-    assert "text_config.pad_token_id" in card
+    # the source's own ids: <image> 96, <pad> 97 (pad_token_id restored), rows padded to 104 as LLaVA-1.5 pads
+    own = read_json(os.path.join(family.sources["llava"], "config.json"))
+    assert (cfg["image_token_index"], cfg["text_config"]["pad_token_id"], cfg["text_config"]["vocab_size"]) == (
+        own["image_token_index"], own["text_config"]["pad_token_id"], own["text_config"]["vocab_size"]) == (96, 97, 104)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.pad_token, tok.pad_token_id, tok.convert_ids_to_tokens(96)) == ("<pad>", 97, "<image>")
+    # <pad>'s rows: the source's own (the composite carried them, route image leaves them as they are)
+    tensors, source = read_dir(out), read_dir(family.sources["llava"])
+    for mine, theirs in (("model.language_model.embed_tokens.weight", "language_model.model.embed_tokens.weight"),
+                         ("lm_head.weight", "language_model.lm_head.weight")):
+        torch.testing.assert_close(tensors[mine][97], source[theirs][97], rtol=0, atol=0)
+        torch.testing.assert_close(tensors[mine][98:], tensors[mine][:98].mean(0).expand(6, -1))  # padding: the mean
+    assert "ids 98-103: padding rows no token names" in card
     # plain transformers loads it, the package never imported
     import subprocess
     import sys
@@ -263,3 +293,137 @@ def test_mmer_low_rank_adapter_reports_its_error(mmer, tmp_path):
     assert low["rank"] == 1 and min(low["relative_error"].values()) > 0.01
     err = (_peft_logits(mmer, str(tmp_path / "low"), IDS) - want).norm() / want.norm()
     assert err > 1e-3  # lossy, and says so
+
+
+def test_rows_another_source_brought_are_declared(family, tmp_path_factory, tmp_path):
+    """Video-LLaVA's <image> (its image tower's placeholder): the composite keeps one <image> row, the
+    LLaVA source's (first), so the exported video route holds that row and its card says so."""
+    c = _composite(family, ["llava", "video_llava"], tmp_path_factory)
+    out = export(c, str(tmp_path / "e"), "video")
+    cfg, own = read_json(os.path.join(out, "config.json")), read_json(os.path.join(family.sources["video_llava"], "config.json"))
+    assert (cfg["image_token_index"], cfg["video_token_index"]) == (own["image_token_index"], own["video_token_index"])
+    head = read_dir(out)["lm_head.weight"]
+    torch.testing.assert_close(head[own["image_token_index"]], read_dir(family.sources["llava"])["language_model.lm_head.weight"][96],
+                               rtol=0, atol=0)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "`<image>`: the composite keeps one row per token and took this one from modality `image`'s source" in card
+    assert "`<video>` (id 97): the composite's row 98, moved to the source's id" in card
+
+
+def test_refused_without_the_source_tokenizer(mmer, tmp_path):
+    """A composite written before sources' tokenizers were stored: the source's vocabulary is unknown."""
+    import shutil
+
+    c = tmp_path / "c"
+    shutil.copytree(mmer, c)
+    for f in os.listdir(c / "modalities" / "image"):
+        if f.startswith("tokenizer"):
+            os.remove(c / "modalities" / "image" / f)
+    with pytest.raises(CompositionError, match=r"modality 'image': .*modalities/image holds no tokenizer of the source "
+                                               r"\(composed by an earlier version, or the source ships none\)"):
+        export(str(c), str(tmp_path / "e"), "image")
+    assert not (tmp_path / "e").exists()
+
+
+def _image_prompt(composite, exported_dir, tmp_path):
+    """One LLaVA image prompt both ways: the composite's processor, and the exported files' own."""
+    proc = CompositeProcessor.from_pretrained(composite)
+    file, decoded = write_media("image", tmp_path)
+    inputs = proc("w1 w2 <image> w3 w4", media={"image": [str(file)]})
+    media = source_inputs(exported_dir, "image", decoded)
+    n = CompositeModel.from_pretrained(composite).encoders["image"].features(inputs["media"]["image"])[0].shape[0]
+    ids = transformers.AutoTokenizer.from_pretrained(exported_dir)("w1 w2 " + " ".join(["<image>"] * n) + " w3 w4",
+                                                                   return_tensors="pt").input_ids
+    return inputs, ids, media
+
+
+def _base_with_adapter(out, ids, media):
+    """OUT/base (its class) with OUT/lora applied by PEFT, on its own inputs; and the base alone."""
+    from peft import PeftModel
+
+    cls = getattr(transformers, read_json(os.path.join(out, "base", "config.json"))["architectures"][0])
+    base, info = cls.from_pretrained(os.path.join(out, "base"), output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    with torch.no_grad():
+        plain = base.eval()(input_ids=ids, **media).logits
+        got = PeftModel.from_pretrained(base, os.path.join(out, "lora")).eval()(input_ids=ids, **media).logits
+    return got, plain
+
+
+def _route_of(composite, m, inputs):
+    model = CompositeModel.from_pretrained(composite)
+    with torch.no_grad(), model.route(m):
+        return model(**inputs).logits
+
+
+def test_damc_base_and_adapter_reproduce_the_route(family, sources, tmp_path):  # noqa: F811 - the imported fixture
+    """`--lora --base`: LLaVA's class holding the merged LLM, plus the exact DAMC adapter laid out for
+    that class, loaded by transformers + PEFT, is route image on the same image prompt."""
+    import shutil
+
+    c = compose(_cfg(family, sources), str(tmp_path / "c"))
+    # a source that learned no prefix/suffix (none of the class's places holds them)
+    manifest = read_json(os.path.join(c, "composite_config.json"))
+    os.remove(os.path.join(c, manifest["modalities"]["image"].pop("prefix_suffix")))
+    with open(os.path.join(c, "composite_config.json"), "w") as f:
+        json.dump(manifest, f)
+    out = export(c, str(tmp_path / "e"), "image", lora=True, base=True)
+    assert sorted(os.listdir(out)) == ["base", "lora"]
+    cfg = read_json(os.path.join(out, "lora", "adapter_config.json"))
+    assert cfg["base_model_name_or_path"] == os.path.join(out, "base")
+    assert all(t.startswith("model.language_model.layers.") for t in cfg["target_modules"])
+    assert read_json(os.path.join(out, "lora", REPORT))["exact"] is True
+    # the base's LLM is the merged one (the composite's root), not the route
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(read_dir(os.path.join(out, "base"))["model.language_model." + name[len("model."):]],
+                               read_dir(c)[name], rtol=0, atol=0)
+    inputs, ids, media = _image_prompt(c, os.path.join(out, "base"), tmp_path)
+    want = _route_of(c, "image", inputs)
+    got, plain = _base_with_adapter(out, ids, media)
+    assert (plain[..., :V0] - want[..., :V0]).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-5, atol=1e-5)
+    shutil.rmtree(c)
+
+
+def test_mmer_base_and_low_rank_adapter(mmer, tmp_path):
+    """MMER's route over the merged LLM in LLaVA's class: at full rank it is the route (vocabulary rows
+    gathered as the base's); at rank 1 the reported probe error is the measured one."""
+    full = export(mmer, str(tmp_path / "full"), "image", lora=True, rank=10_000, base=True)
+    report = read_json(os.path.join(full, "lora", REPORT))
+    assert max(report["relative_error"].values()) < 1e-5 and report["whole_weights"]
+    assert {"model.language_model.embed_tokens", "lm_head"} <= set(read_json(
+        os.path.join(full, "lora", "adapter_config.json"))["target_modules"])
+    inputs, ids, media = _image_prompt(mmer, os.path.join(full, "base"), tmp_path)
+    want = _route_of(mmer, "image", inputs)
+    got, _ = _base_with_adapter(full, ids, media)
+    named = list(range(98))  # the LLaVA source's tokens: base rows, <image> 96 and <pad> 97, at the composite's ids too
+    torch.testing.assert_close(got[..., named], want[..., named], rtol=1e-4, atol=1e-4)
+    # the checkpoint export of the route is the base plus this adapter, padding rows included
+    route = _load_exported(export(mmer, str(tmp_path / "route"), "image"))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(got, route(input_ids=ids, **media).logits, rtol=1e-4, atol=1e-4)
+
+    result = CliRunner().invoke(main, [mmer, str(tmp_path / "low"), "--route", "image", "--lora", "--rank", "1", "--base"])
+    assert result.exit_code == 0, result.output
+    low = read_json(tmp_path / "low" / "lora" / REPORT)
+    got, _ = _base_with_adapter(str(tmp_path / "low"), IDS, {})
+    want = _route_logits(mmer, "image", IDS)[..., named]
+    err = float((got[..., named] - want).norm() / want.norm())
+    assert err > 1e-3 and low["probe"]["relative_error"] > 1e-3  # lossy, and says so
+    with pytest.raises(CompositionError, match=r"^--base is for --lora"):
+        export(mmer, str(tmp_path / "x"), "image", base=True)
+
+
+def test_tied_embeddings_adapter_adapts_the_head(tied_family, tmp_path):
+    """A tied composite's route changes the embedding, which is also the head: the adapter's
+    embedding factors must reach the head too (PEFT's ensure_weight_tying), so full rank is the route
+    (the reported probe error; without the tying it is 4% on this composite)."""
+    c = compose({"merge_method": "mmer", "base_model": str(tied_family.base),
+                 "models": [{"model": str(tied_family.sources["mistral3"]), "modality": "image"},
+                            {"model": str(tied_family.sources["llava"]), "modality": "image2", "placeholder": "<image2>"}]},
+                str(tmp_path / "c"))
+    causal = export(c, str(tmp_path / "a"), "image", lora=True, rank=10_000)
+    assert read_json(os.path.join(causal, "adapter_config.json"))["ensure_weight_tying"] is True
+    torch.testing.assert_close(_peft_logits(c, causal, IDS), _route_logits(c, "image", IDS), rtol=1e-4, atol=1e-4)
+    pair = export(c, str(tmp_path / "b"), "image", lora=True, rank=10_000, base=True)
+    assert read_json(os.path.join(pair, "lora", REPORT))["probe"]["relative_error"] < 1e-5

@@ -153,3 +153,18 @@ def test_stale_composite_caches_are_pruned(tmp_path):
             os.utime(tmp_path / d, (1e9, 1e9))
     assert prune_stale_composites(str(tmp_path), cur) == [f"composites-{old}", f"sources-{old}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {f"composites-{old}", f"sources-{old}"})
+
+
+def test_low_rank_exports_report_their_error(story):
+    """Each mmer route as a rank-r adapter over its source class holding the merged LLM (`--lora --rank
+    r --base`), merged by PEFT and scored as its source: every rank has its routes and a retention, and
+    a higher rank's reported probe logit error is lower (its truncated SVD keeps more of each delta)."""
+    from mergekit_multimodal.zoo.story import LORA_RANKS
+
+    rows = story[1]["export_lora"]
+    assert list(rows) == [f"lora r{r}" for r in LORA_RANKS], rows
+    for row in rows.values():
+        assert set(row["routes"]) == set(row["probe"]) == {"image", "audio", "video"} and len(row["retention"]) == 3
+    for m in ("image", "audio", "video"):
+        errors = [rows[f"lora r{r}"]["probe"][m] for r in LORA_RANKS]
+        assert errors == sorted(errors, reverse=True) and errors[-1] > 0, (m, errors)

@@ -24,6 +24,7 @@ import transformers
 from mergekit_multimodal.compose import output
 from mergekit_multimodal.compose.card import write_card
 from mergekit_multimodal.compose.plan import CompositePlan, TensorJob
+from mergekit_multimodal.compose.vocab import TOKENIZER_FILES
 from mergekit_multimodal.compose.writer import Entry, PlannedShardWriter
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import CONNECTOR, ENCODER, OTHER
@@ -166,7 +167,7 @@ def _write_modality(plan: CompositePlan, i: int, out: str) -> None:
     plan.method.write_modality(plan, i, out)
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(src.config, f, indent=2)
-    for name in F.PROCESSOR_FILES:
+    for name in F.PROCESSOR_FILES + TOKENIZER_FILES:  # its tokenizer: what an export of its route writes
         if os.path.exists(os.path.join(src.path, name)):
             shutil.copy(os.path.join(src.path, name), os.path.join(out, name))
 

@@ -135,9 +135,6 @@ class Family:
     #: `batch_num_images`: several images of one prompt are not tiled); the composite's processor
     #: passes its preprocessor `per_prompt=`, and the loader checks the count against the prompts
     items_by_prompt: Optional[str] = None
-    #: tokenizer attributes the source's processor reads (Gemma 3's `boi_token`), token strings with
-    #: `{}` for the modality's placeholder: an exported checkpoint's tokenizer names them
-    named_tokens: Mapping[str, str] = field(default_factory=dict)
 
     def for_modality(self, modality: Optional[str]) -> "Family":
         """The family as it runs under this modality name (itself, or a declared variant)."""

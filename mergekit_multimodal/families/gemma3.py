@@ -24,7 +24,7 @@ from mergekit_multimodal.runtime.media import load_image
 from mergekit_multimodal.runtime.preprocess import ImagePreprocessor, quiet
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-#: tokenizer attributes Gemma3Processor reads; `{}` is the modality's placeholder
+#: tokenizer attributes Gemma3Processor reads (the stand-in's tokenizer names them); `{}` is the placeholder
 NAMED_TOKENS = {"boi_token": BOI, "eoi_token": EOI, "image_token": "{}"}
 
 
@@ -118,7 +118,6 @@ FAMILY = Family(
     item_text=f"\n\n{BOI}{{}}{EOI}\n\n",
     item_layout=item_layout,
     prompt_token=BOI,
-    named_tokens=NAMED_TOKENS,
     llm_mask=llm_mask,
     # Gemma 3 and a fine-tune of it on a new image task (as MedGemma is): two image routes, the
     # second with its own placeholder (both sources call theirs <image_soft_token>)

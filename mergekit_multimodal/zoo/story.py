@@ -220,6 +220,8 @@ def _evaluate_seed(zoo: str, bench: str, rows_wanted: Optional[List[str]], label
     paths.update(_evaluate_forgetting(zoo, section, correct, results))
     _evaluate_curve(zoo, section, correct, asked)
     refused = _evaluate_exports(zoo, bench, paths["mmer"][0], correct, results) if "mmer" in paths else {}
+    if "mmer" in paths:
+        _evaluate_low_rank_exports(zoo, bench, paths["mmer"][0], correct, results)
     return {"zoo": zoo, "benchmark": bench, "correct": correct, "results": results, "paths": paths,
             "plotted": plotted, "export_refused": refused, "sections_s": time.time() - t0}
 
@@ -315,6 +317,58 @@ def _evaluate_exports(zoo: str, bench: str, composite: str, correct: dict, resul
         correct[EXPORT].update(_correct(r))
         results[EXPORT][m] = {**r.to_dict(predictions=True), "checkpoint": out}
     return refused
+
+
+#: ranks of the low-rank MMER adapters the export section scores (the zoo's LLM: hidden 64, MLP 128)
+LORA_RANKS = (1, 4, 16)
+
+
+def _evaluate_low_rank_exports(zoo: str, bench: str, composite: str, correct: dict, results: dict) -> None:
+    """EXPORT at low rank: each route of the MMER composite as `mergekit-mm-export --lora --rank r
+    --base` (its source class holding the merged LLM + a rank-r adapter), the adapter merged into the
+    base by PEFT (what an engine applying it computes) and evaluated as a source is; rows
+    "mmer export lora r<r>", each route's reported probe logit error in the results. Routes the
+    checkpoint export refuses (point cloud) are left out, as there."""
+    import shutil
+
+    import transformers
+    from peft import PeftModel
+
+    from mergekit_multimodal.compose import output
+    from mergekit_multimodal.errors import CompositionError
+    from mergekit_multimodal.evaluation import evaluate
+    from mergekit_multimodal.export import REPORT, export
+
+    root = composite + "-exports"
+    for rank in LORA_RANKS:
+        row = f"{EXPORT} lora r{rank}"
+        correct[row], results[row] = {}, {}
+        for m in data.MODALITIES:
+            pair, merged = os.path.join(root, f"{m}-lora-r{rank}"), os.path.join(root, f"{m}-lora-r{rank}-merged")
+            if not os.path.isdir(merged):
+                try:
+                    if not os.path.isdir(pair):
+                        export(composite, pair, m, lora=True, rank=rank, base=True)
+                except CompositionError:
+                    continue  # refused as the checkpoint export is (the EXPORT section names why)
+
+                def write(tmp, pair=pair):
+                    base_dir = os.path.join(pair, "base")
+                    with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
+                        cls = getattr(transformers, json.load(f)["architectures"][0])
+                    model = PeftModel.from_pretrained(cls.from_pretrained(base_dir), os.path.join(pair, "lora"))
+                    model.merge_and_unload().save_pretrained(tmp)
+                    for name in os.listdir(base_dir):  # tokenizer, processor, generation config
+                        if not os.path.exists(os.path.join(tmp, name)) and not name.startswith("model"):
+                            shutil.copy(os.path.join(base_dir, name), os.path.join(tmp, name))
+
+                output.write_aside(merged, write)
+            r = evaluate(merged, bench, modality=m, subsets=[m], cache_dir=os.path.join(zoo, f"sources-{code_hash()}"),
+                         name=f"{row} {m}", **ASK)
+            correct[row].update(_correct(r))
+            with open(os.path.join(pair, "lora", REPORT), encoding="utf-8") as f:
+                probe = json.load(f)["probe"]
+            results[row][m] = {**r.to_dict(predictions=True), "adapter": pair, "probe": probe}
 
 
 def tuned_config(zoo: str, cfg: dict) -> dict:
@@ -433,7 +487,28 @@ def _sections(out_dir: str, spec: ZooSpec, runs: List[dict], table: dict, interv
             echo(f"  {m}: refused: {why}")
         out["export"] = {"routes": {m: list(cell(EXPORT, m)) for m in have}, "retention": list(cell(EXPORT, "retention")),
                          "refused": refused}
+        out.update(_low_rank_section(runs, table, cell, have, echo))
     return out
+
+
+def _low_rank_section(runs: List[dict], table: dict, cell, have: List[str], echo) -> dict:
+    """The low-rank rows of EXPORT (`_evaluate_low_rank_exports`): accuracy and retention per rank,
+    and the probe logit error each adapter's export reported (seed 0)."""
+    rows = [f"{EXPORT} lora r{r}" for r in LORA_RANKS if f"{EXPORT} lora r{r}" in table]
+    if not rows:
+        return {}
+    echo("\nExport at low rank: each mmer route as `mergekit-mm-export --lora --rank r --base`, the adapter merged "
+         "into its base (PEFT), evaluated as its source is (own task, accuracy %; probe: the relative logit error "
+         "the export reported)")
+    cols = [m for m in have if all(m in table[r] for r in rows)] + ["retention"]
+    echo(format_story_table({row[len(EXPORT) + 1:]: {c: cell(row, c) for c in cols} for row in rows}, cols))
+    probes = {row[len(EXPORT) + 1:]: {m: v["probe"]["relative_error"] for m, v in runs[0]["results"][row].items()}
+              for row in rows}
+    for name, p in probes.items():
+        echo(f"  {name} probe: " + ", ".join(f"{m} {v:.3g}" for m, v in p.items()))
+    return {"export_lora": {row[len(EXPORT) + 1:]: {"routes": {c: list(cell(row, c)) for c in cols if c != "retention"},
+                                                    "retention": list(cell(row, "retention")),
+                                                    "probe": probes[row[len(EXPORT) + 1:]]} for row in rows}}
 
 
 def plot_curve(curve: Dict[str, list], path: str, order) -> str:
