@@ -70,7 +70,7 @@ def _text_classes(family):
     for _, t in tiny_sources().values():
         if t.text_model and t.text_model[0] == family:
             cfg, lm, extra = t.text_model
-            return getattr(transformers, cfg), getattr(transformers, lm), dict(extra)
+            return getattr(transformers, cfg), getattr(transformers, lm) if isinstance(lm, str) else lm(), dict(extra)
     raise ValueError(f"text_family must be one of {sorted(TEXT_FAMILIES)} or a stand-in's text model, got {family!r}")
 
 
