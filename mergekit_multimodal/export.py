@@ -98,7 +98,7 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
     mdir = os.path.join(path, entry.path)
     with open(os.path.join(mdir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    config, dropped = _exported_config(config, manifest, m, entry, family)
+    config, dropped = _exported_config(config, manifest, m, entry, family, _token_ids(path, family, where))
     try:
         cfg = cls.config_class.from_dict(config)
         with torch.device("meta"):
@@ -152,7 +152,21 @@ def _named_tokens(path: str, entry: ModalityEntry, family, where: str) -> Dict[s
     return named
 
 
-def _exported_config(config: dict, manifest: Manifest, m: str, entry: ModalityEntry, family) -> Tuple[dict, Dict[str, int]]:
+def _token_ids(path: str, family, where: str) -> Dict[str, int]:
+    """The composite's ids of the tokens the family's config fields name (Family.token_fields)."""
+    if not family.token_fields:
+        return {}
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    vocab = tok.get_vocab()
+    missing = sorted(t for t in family.token_fields.values() if t not in vocab)
+    if missing:
+        raise CompositionError(f"{where}: the source's config names tokens {', '.join(missing)}, which the "
+                               f"composite's tokenizer ({path}) does not hold")
+    return {k: vocab[t] for k, t in family.token_fields.items()}
+
+
+def _exported_config(config: dict, manifest: Manifest, m: str, entry: ModalityEntry, family,
+                     token_ids: Optional[Dict[str, int]] = None) -> Tuple[dict, Dict[str, int]]:
     """The source's config with the composite's vocabulary: its size, tied head, m's placeholder id.
     Other token-id fields that point past the base vocabulary name rows of the source's own tokenizer,
     which the composite does not keep: they are dropped (listed in the card), never left pointing at
@@ -164,9 +178,14 @@ def _exported_config(config: dict, manifest: Manifest, m: str, entry: ModalityEn
     key = SplitLayout(family).placeholder_key(config, m)
     if key is not None and entry.placeholder_id is not None:
         config[key] = entry.placeholder_id
+    for k, v in (token_ids or {}).items():  # fields naming a token the composite holds: its id there
+        if k in config:
+            config[k] = v
     dropped = {}
     for section, prefix in ((config, ""), (text, "text_config.")):
         for k, v in list(section.items()):
+            if section is config and k in (token_ids or {}):
+                continue
             is_id = k.endswith(("_token_id", "_token_index")) or k in ("pad_token_id", "bos_token_id", "eos_token_id")
             if (section is not config or k != key) and is_id and isinstance(v, int) and v >= manifest.llm.base_vocab_size:
                 # a placeholder of the class's other input (Video-LLaVA's images) must stay an int: an id

@@ -143,6 +143,9 @@ class Family:
     #: tokenizer attributes the source's processor reads (Gemma 3's `boi_token`), token strings with
     #: `{}` for the modality's placeholder: an exported checkpoint's tokenizer names them
     named_tokens: Mapping[str, str] = field(default_factory=dict)
+    #: config.json fields holding the id of a named special token (Qwen2-VL's `vision_start_token_id`:
+    #: `<|vision_start|>`): an exported checkpoint's config gets that token's id in the composite
+    token_fields: Mapping[str, str] = field(default_factory=dict)
 
     def for_modality(self, modality: Optional[str]) -> "Family":
         """The family as it runs under this modality name (itself, or a declared variant)."""

@@ -326,6 +326,7 @@ _IMAGE = Family(
     encoder=Encoder(features, ("pixel_values", "image_grid_thw")),
     preprocessor=ImagePreprocessor,
     item_text=f"{START}{{}}{END}",
+    token_fields={"vision_start_token_id": START, "vision_end_token_id": END},
     load_llm=load_llm,
     llm_positions=llm_positions,
     tiny={"qwen2_vl": _TINY, "qwen2_5_vl": _TINY_25,
