@@ -1,10 +1,13 @@
 """`CompositeModel`: a composite directory run as one multimodal model.
 
-The merged LLM is loaded with transformers (`AutoModelForCausalLM`); for MMER every linear layer
-becomes a `RoutedLinear`; each modality's encoder is rebuilt from its stored config. A forward
-replaces each placeholder token, in prompt order, by that item's features (one placeholder per
-image / clip / video; the model expands it to as many positions as the item has features), and
-tokens at those positions take their modality's route; every other token takes the text route.
+The merged LLM is loaded with transformers (`AutoModelForCausalLM`, or a family's `load_llm` where
+transformers has no causal-LM class for it: Qwen2-VL); for MMER every linear layer becomes a
+`RoutedLinear`; each modality's encoder is rebuilt from its stored config. A forward replaces each
+placeholder token, in prompt order, by that item's features (one placeholder per image / clip /
+video; the model expands it to as many positions as the item has features), and tokens at those
+positions take their modality's route; every other token takes the text route. A family that
+computes the LLM's positions from its items (`llm_positions`: Qwen2-VL's 3-D rotary positions) gets
+them for the expanded sequence.
 """
 
 from __future__ import annotations
