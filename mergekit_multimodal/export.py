@@ -34,7 +34,7 @@ from mergekit_multimodal.compose.checkpoint import _st_dtype
 from mergekit_multimodal.compose.vocab import TOKENIZER_FILES
 from mergekit_multimodal.compose.writer import Entry, PlannedShardWriter
 from mergekit_multimodal.errors import CompositionError, cli_errors
-from mergekit_multimodal.families import LLM, SplitLayout, get_family
+from mergekit_multimodal.families import LLM, SplitLayout, causal_lm_class, get_family
 from mergekit_multimodal.format import files as F
 from mergekit_multimodal.format.manifest import Manifest, ModalityEntry
 from mergekit_multimodal.format.tensors import header_shapes, open_stream
@@ -301,8 +301,9 @@ def _lora_plan(path: str, manifest: Manifest, m: str, rank: Optional[int]) -> Di
         raise CompositionError(f"{path}: a {manifest.merge_method} composite has one route, the merged LLM; "
                                "there is no adapter to export (export the checkpoint instead)")
     cfg = transformers.AutoConfig.from_pretrained(path)
+    cls = causal_lm_class(cfg) or transformers.AutoModelForCausalLM  # Auto's error names an unknown one
     with torch.device("meta"):
-        llm = transformers.AutoModelForCausalLM.from_config(cfg)
+        llm = cls.from_config(cfg) if cls is transformers.AutoModelForCausalLM else cls(cfg)
     modules = dict(llm.named_modules())
     kinds = {}
     method = get_method(manifest.merge_method)
@@ -428,7 +429,8 @@ def _probe_error(path: str, m: str, adapter: str) -> Dict[str, float]:
     with torch.no_grad(), model.route(m):
         want = model(ids).logits.float()
     del model
-    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base = (causal_lm_class(transformers.AutoConfig.from_pretrained(path)) or transformers.AutoModelForCausalLM
+            ).from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         got = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits.float()
     return {"relative_error": float((got - want).norm() / want.norm()),

@@ -9,6 +9,7 @@ processor's own patches), and two task fine-tunes of one base as two image route
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +252,13 @@ def test_sources_with_different_language_models_are_refused(fams, tmp_path):
     with pytest.raises(CompositionError, match=r"image_ocr/config.json and .*image/config.json: their language "
                                                r"models differ \(rope_parameters\)"):
         CompositeModel.from_pretrained(out)
+
+
+def test_the_merged_llm_builds_from_its_config_for_hub_validation(routes):
+    """The composite's config.json names the source's text model (`qwen2_5_vl_text`), which
+    AutoModelForCausalLM does not know: Hub validation builds the family's class (`Family.causal_lms`)
+    and checks the merged LLM's tensors against it."""
+    from mergekit_multimodal.hub import validate_for_push
+
+    assert json.loads((Path(routes) / "config.json").read_text())["model_type"] == "qwen2_5_vl_text"
+    assert "model.safetensors" in validate_for_push(routes)

@@ -129,6 +129,10 @@ class Family:
     #: (merged LLM, transformers' loading info), for a family whose language model transformers has no
     #: causal-LM class for (Qwen2-VL's text model runs 3-D rotary positions); None: AutoModelForCausalLM
     load_llm: Optional[Callable] = None
+    #: text model_type -> () -> the causal-LM class the family builds for it where transformers has
+    #: none (`qwen2_vl_text`): what builds a composite's merged LLM from its config.json alone (Hub
+    #: validation, LoRA export); `families.causal_lm_class` asks these after AutoModelForCausalLM
+    causal_lms: Mapping[str, Callable] = field(default_factory=dict)
     #: (encoders {modality: ModalityEncoder}, media {modality: processor outputs}, items, attention_mask)
     #: -> (position ids, per-row offsets kept for cached decoding), for a family whose source computes the
     #: LLM's positions from its items' layout (Qwen2-VL: get_rope_index); items are (row, start, end,

@@ -328,6 +328,8 @@ _IMAGE = Family(
     item_text=f"{START}{{}}{END}",
     token_fields={"vision_start_token_id": START, "vision_end_token_id": END},
     load_llm=load_llm,
+    causal_lms={"qwen2_vl_text": lambda: causal_lm_class("qwen2_vl"),
+                "qwen2_5_vl_text": lambda: causal_lm_class("qwen2_5_vl")},
     llm_positions=llm_positions,
     tiny={"qwen2_vl": _TINY, "qwen2_5_vl": _TINY_25,
           # a second task fine-tune of the same base (OptMerge's experts): a second image route with its own token
