@@ -38,7 +38,7 @@ from mergekit_multimodal.compose.checkpoint import _st_dtype
 from mergekit_multimodal.compose.vocab import EMBED, HEAD, TOKENIZER_FILES, load_tokenizer
 from mergekit_multimodal.compose.writer import Entry, PlannedShardWriter
 from mergekit_multimodal.errors import CompositionError, cli_errors
-from mergekit_multimodal.families import LLM, SplitLayout, get_family
+from mergekit_multimodal.families import LLM, SplitLayout, causal_lm_class, get_family
 from mergekit_multimodal.format import files as F
 from mergekit_multimodal.format.manifest import Manifest, ModalityEntry
 from mergekit_multimodal.format.tensors import header_shapes, open_stream
@@ -205,17 +205,22 @@ def _source_vocab(path: str, manifest: Manifest, m: str, entry: ModalityEntry, p
     composite_ids = composite.get_vocab() if composite is not None else {}
     added = {a.token: a for a in manifest.added_tokens}
     placeholder_id = source_config.get(placeholder_key) if placeholder_key else None
+    added_ids = {a.id for a in manifest.added_tokens}
     index, remapped, borrowed = [], {}, {}
     for i in range(rows):
         token = names.get(i)
-        if i < v0:  # the shared rows (merged as one vocabulary; a source may name a reserved one its own way)
+        if i == placeholder_id and entry.placeholder_id is not None:
+            # m's placeholder takes the composite's placeholder row of m, also where the source's id is a
+            # base id another modality's placeholder holds in the composite (MedGemma's <image_soft_token>)
+            row, owner = entry.placeholder_id, m
+        elif i < v0 and not (token is None and i in added_ids):
+            # the shared rows (merged as one vocabulary; a source may name a reserved one its own way); a base
+            # row the source leaves unnamed that the composite gave to a token it added is padding here
             index.append(i)
             continue
-        if token is None:
+        elif token is None:
             index.append(None)
             continue
-        if i == placeholder_id and entry.placeholder_id is not None:
-            row, owner = entry.placeholder_id, m
         elif token in added:
             row, owner = added[token].id, added[token].from_
         elif composite_ids.get(token, v0) < v0:
@@ -338,8 +343,9 @@ def _lora_plan(path: str, manifest: Manifest, m: str, rank: Optional[int]) -> Di
         raise CompositionError(f"{path}: a {manifest.merge_method} composite has one route, the merged LLM; "
                                "there is no adapter to export (export the checkpoint instead)")
     cfg = transformers.AutoConfig.from_pretrained(path)
+    cls = causal_lm_class(cfg) or transformers.AutoModelForCausalLM  # Auto's error names an unknown one
     with torch.device("meta"):
-        llm = transformers.AutoModelForCausalLM.from_config(cfg)
+        llm = cls.from_config(cfg) if cls is transformers.AutoModelForCausalLM else cls(cfg)
     modules = dict(llm.named_modules())
     kinds = {}
     method = get_method(manifest.merge_method)
@@ -492,7 +498,8 @@ def _probe_error(path: str, m: str, adapter: str, layout: Optional[_CheckpointPl
         want = model(ids).logits.float()
     del model
     if layout is None:
-        base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        base = (causal_lm_class(transformers.AutoConfig.from_pretrained(path)) or transformers.AutoModelForCausalLM
+                ).from_pretrained(path, dtype=torch.float32)
     else:
         base = getattr(transformers, layout.cls_name).from_pretrained(base_path, dtype=torch.float32)
     with torch.no_grad():

@@ -70,7 +70,7 @@ def _text_classes(family):
     for _, t in tiny_sources().values():
         if t.text_model and t.text_model[0] == family:
             cfg, lm, extra = t.text_model
-            return getattr(transformers, cfg), getattr(transformers, lm), dict(extra)
+            return getattr(transformers, cfg), getattr(transformers, lm) if isinstance(lm, str) else lm(), dict(extra)
     raise ValueError(f"text_family must be one of {sorted(TEXT_FAMILIES)} or a stand-in's text model, got {family!r}")
 
 
@@ -107,11 +107,16 @@ def _save_kwargs(shard_size):
 
 
 def _hf5_key(key: str) -> str:
-    """Legacy -> transformers-5 key: language_model.model.X -> model.language_model.X, etc."""
+    """Legacy -> transformers-5 key: language_model.model.X -> model.language_model.X, etc.; a
+    legacy layout with a bare LLM (Qwen2-VL's model.X beside visual.*) -> model.language_model.X."""
     if key.startswith("language_model.model."):
         return "model.language_model." + key[len("language_model.model."):]
     if key.startswith("language_model."):  # language_model.lm_head.weight
         return key[len("language_model."):]
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    if key.startswith("lm_head."):
+        return key
     return "model." + key
 
 

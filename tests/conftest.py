@@ -50,3 +50,15 @@ def sources(family, tmp_path_factory):
     root = tmp_path_factory.mktemp("damc")
     return {"image": _peft_source(family, root / "image", "image", 1),
             "audio": _peft_source(family, root / "audio", "audio", 2)}
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_family(tmp_path_factory):
+    """Qwen2-VL as an image route and as a video route (one class), on its own text model."""
+    return build_tiny_family(tmp_path_factory.mktemp("qwen2vl"), ("qwen2_vl", "qwen2_vl_video"))
+
+
+@pytest.fixture(scope="session")
+def qwen25_vl_family(tmp_path_factory):
+    """Two task fine-tunes of one Qwen2.5-VL (OptMerge's experts): two image routes."""
+    return build_tiny_family(tmp_path_factory.mktemp("qwen25vl"), ("qwen2_5_vl", "qwen2_5_vl_ocr"))

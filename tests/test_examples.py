@@ -49,6 +49,11 @@ STAND_INS = {
         "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava_onevision",
         "llava-hf/LLaVA-Video-7B-Qwen2-hf": "llava_video",
     }, {"image": "<image>", "video": "<video>"}),
+    "qwen2.5-vl-task-routes-mmer.yml": ("qwen25_vl_family", {
+        "Qwen/Qwen2.5-VL-7B-Instruct": "base",
+        "ByteDance-Seed/UI-TARS-1.5-7B": "qwen2_5_vl",
+        "allenai/olmOCR-7B-0725": "qwen2_5_vl_ocr",
+    }, {"image": "<|image_pad|>", "image_ocr": "<|image_ocr_pad|>"}),
 }
 
 

@@ -6,6 +6,7 @@ its inputs built by the source's own processor classes from the exported process
 tests/test_processor.py). Every family's tiny stand-in is covered (families registry).
 """
 
+import inspect
 import json
 import os
 
@@ -108,12 +109,15 @@ def test_exported_checkpoint_reproduces_the_route(kind, request, tmp_path, tmp_p
         media = {k: v for k, v in batch.items() if k != "attention_mask"}
     else:
         media = source_inputs(out, KIND[kind], decoded)
-        if KIND[kind] == "video" and exported.config.model_type == "llava_onevision":
-            # its video processor needs torchvision: both sides take the composite's frames (whose steps
-            # tests/test_llava_onevision.py checks against a hand computation)
-            media = {"pixel_values_videos": inputs["media"][m]["pixel_values_videos"]}
-        text = "w1 w2 " + " ".join(_expanded(kind, exported.config, media, n_features, placeholder)) + " w3 w4"
-        ids = tok(text, return_tensors="pt").input_ids
+        if KIND[kind] == "video" and exported.config.model_type in ("llava_onevision", "qwen2_vl", "qwen2_5_vl"):
+            # their video processors need torchvision: both sides take the composite's frames (whose steps
+            # tests/test_llava_onevision.py and tests/test_qwen2_vl.py check against independent computations)
+            media = dict(inputs["media"][m])
+        item = (spec.item_text or "{}").format(" ".join(_expanded(kind, exported.config, media, n_features, placeholder)))
+        ids = tok("w1 w2 " + item + " w3 w4", return_tensors="pt").input_ids
+        if "mm_token_type_ids" in inspect.signature(type(exported).forward).parameters:  # Qwen2-VL's 3-D positions
+            cfg = exported.config
+            media["mm_token_type_ids"] = (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()
     with torch.no_grad():
         got = exported(input_ids=ids, **media).logits
         got_seq = exported.generate(input_ids=ids, **media, max_new_tokens=4, do_sample=False)

@@ -6,6 +6,7 @@ processor expands it), and the source class's own forward. Covers every family's
 (families/<name>.py), LLaVA-NeXT's anyres tiling included.
 """
 
+import inspect
 import wave
 
 import numpy as np
@@ -28,7 +29,8 @@ PLACEHOLDER = {k: next(tok for field, tok in t.placeholder_fields.items() if fie
                for k, (fam, t) in tiny_sources().items()}
 #: stand-ins built by a shared fixture; any other (a new family) gets a tiny family of its own
 FIXTURE = {**{k: "family" for k in KINDS}, "mistral3": "mistral_family", "voxtral": "mistral_family",
-           "llava_next": "next_family"}
+           "llava_next": "next_family", "qwen2_vl": "qwen2_vl_family", "qwen2_vl_video": "qwen2_vl_family",
+           "qwen2_5_vl": "qwen25_vl_family", "qwen2_5_vl_ocr": "qwen25_vl_family"}
 
 
 def write_media(kind, d, seed=0):
@@ -57,7 +59,7 @@ def source_inputs(path, kind, decoded):
             side = cfg.vision_config.patch_size * cfg.spatial_merge_size
             extra = {"patch_size": {"height": side, "width": side}}
         out = proc(images=[Image.fromarray(decoded)], return_tensors="pt", **extra)
-        return {k: out[k] for k in ("pixel_values", "image_sizes") if k in out}
+        return {k: out[k] for k in ("pixel_values", "image_sizes", "image_grid_thw") if k in out}
     if kind == "video":
         proc = transformers.AutoImageProcessor.from_pretrained(path)
         frames = proc(images=[Image.fromarray(f) for f in decoded], return_tensors="pt")["pixel_values"]
@@ -100,10 +102,11 @@ def test_files_through_the_processor_reproduce_the_source(kind, request, tmp_pat
         assert_like_source(got, source, V0)
         return
     media = source_inputs(src, KIND[kind], decoded)
-    if KIND[kind] == "video" and transformers.AutoConfig.from_pretrained(src).model_type == "llava_onevision":
-        # its video processor needs torchvision: both sides take the composite's frames (whose steps
-        # tests/test_llava_onevision.py checks against a hand computation)
-        media = {"pixel_values_videos": inputs["media"][modality]["pixel_values_videos"]}
+    if KIND[kind] == "video" and transformers.AutoConfig.from_pretrained(src).model_type in (
+            "llava_onevision", "qwen2_vl", "qwen2_5_vl"):
+        # their video processors need torchvision: both sides take the composite's frames (whose steps
+        # tests/test_llava_onevision.py and tests/test_qwen2_vl.py check against independent computations)
+        media = dict(inputs["media"][modality])
     n_features = model.encoders[modality].features(inputs["media"][modality])[0].shape[0]
     expanded = [PLACEHOLDER[kind]] * n_features
     if kind == "mistral3":  # as PixtralProcessor expands it: [IMG_BREAK] after each row, [IMG_END] last
@@ -115,7 +118,11 @@ def test_files_through_the_processor_reproduce_the_source(kind, request, tmp_pat
         expanded = (["[IMG]"] * cols + ["[IMG_BREAK]"]) * rows
         expanded[-1] = "[IMG_END]"
     tok = transformers.AutoTokenizer.from_pretrained(src)
-    ids = tok("w1 w2 " + " ".join(expanded) + " w3 w4", return_tensors="pt").input_ids
+    item = (family_spec.item_text or "{}").format(" ".join(expanded))  # Qwen2-VL: <|vision_start|> ... <|vision_end|>
+    ids = tok("w1 w2 " + item + " w3 w4", return_tensors="pt").input_ids
+    if "mm_token_type_ids" in inspect.signature(source_cls.forward).parameters:  # Qwen2-VL's 3-D positions need them
+        src_cfg = transformers.AutoConfig.from_pretrained(src)
+        media["mm_token_type_ids"] = (ids == src_cfg.image_token_id).long() + 2 * (ids == src_cfg.video_token_id).long()
 
     def source(device, dtype):
         m = source_cls.from_pretrained(src, dtype=dtype).to(device).eval()

@@ -43,9 +43,10 @@ def test_an_unknown_architecture_names_the_file_and_class(family, tmp_path):
         compose(config, str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("arch", ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
-def test_qwen2_vl_is_refused_saying_what_reading_it_needs(family, tmp_path, arch):
-    config, src = _as_architecture(family, tmp_path, arch)
-    with pytest.raises(CompositionError, match=rf"\({src}/config.json\): {arch} cannot be composed: .*mrope.*"
-                                               r"Reading them needs a loader for the text model"):
+def test_qwen3_vl_is_refused_saying_what_reading_it_needs(family, tmp_path):
+    """Qwen2-VL and Qwen2.5-VL are read (tests/test_qwen2_vl.py); Qwen3-VL's DeepStack is not."""
+    config, src = _as_architecture(family, tmp_path, "Qwen3VLForConditionalGeneration")
+    with pytest.raises(CompositionError, match=rf"\({src}/config.json\): Qwen3VLForConditionalGeneration cannot be "
+                                               r"composed: .*DeepStack.*Reading it needs .*deepstack_visual_embeds"):
         compose(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

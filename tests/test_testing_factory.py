@@ -25,7 +25,14 @@ CLASSES = {
     "medgemma": T.Gemma3ForConditionalGeneration,
     "llava_onevision": T.LlavaOnevisionForConditionalGeneration,
     "llava_video": T.LlavaOnevisionForConditionalGeneration,
+    "qwen2_vl": T.Qwen2VLForConditionalGeneration,
+    "qwen2_vl_video": T.Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": T.Qwen2_5_VLForConditionalGeneration,
+    "qwen2_5_vl_ocr": T.Qwen2_5_VLForConditionalGeneration,
 }
+#: stand-ins whose legacy layout holds the LLM bare (`model.*`, `lm_head.*` beside `visual.*`), as
+#: transformers 5.24 writes and the released Qwen2-VL / Qwen2.5-VL checkpoints hold it
+BARE_LLM = {"qwen2_vl", "qwen2_vl_video", "qwen2_5_vl", "qwen2_5_vl_ocr"}
 # non-LM top-level prefixes of the legacy layout, as in the published checkpoints
 ENCODERS = {
     "llava": {"vision_tower", "multi_modal_projector"},
@@ -39,6 +46,7 @@ ENCODERS = {
     "medgemma": {"vision_tower", "multi_modal_projector"},
     "llava_onevision": {"vision_tower", "multi_modal_projector", "image_newline"},
     "llava_video": {"vision_tower", "multi_modal_projector", "image_newline"},
+    **{k: {"visual"} for k in BARE_LLM},
 }
 # placeholder config field -> token, and the expected text vocab (96 + added, llava padded to 8)
 PLACEHOLDERS = {
@@ -54,7 +62,15 @@ PLACEHOLDERS = {
     "medgemma": ({"image_token_index": "<image_soft_token>", "boi_token_index": "<start_of_image>"}, 99),
     "llava_onevision": ({"image_token_index": "<image>", "video_token_index": "<video>"}, 98),
     "llava_video": ({"image_token_index": "<image>", "video_token_index": "<video>"}, 98),
+    # + Qwen2's special tokens (<|endoftext|>, <|im_start|> ...) and the vision ones, as Qwen2-VL's tokenizer has
+    **{k: ({"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+            "vision_start_token_id": "<|vision_start|>"}, 110) for k in BARE_LLM},
 }
+
+
+def legacy_llm(kind: str, name: str) -> str:
+    """The legacy checkpoint's name of a causal-LM tensor."""
+    return name if kind in BARE_LLM else "language_model." + name
 #: stand-ins grouped by the text model they need (Gemma 3's own; the others share the default base)
 GROUPS = {}
 for _k in SOURCE_KINDS:
@@ -101,11 +117,13 @@ def hf5(tmp_path_factory):
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
 def test_legacy_keys(legacy, kind):
     keys = set(tensors(legacy.source(kind)))
-    assert "language_model.model.layers.0.self_attn.q_proj.weight" in keys
-    assert "language_model.model.embed_tokens.weight" in keys and "language_model.lm_head.weight" in keys
-    tops = {k.split(".")[0] for k in keys if not k.startswith("language_model.")}
+    assert legacy_llm(kind, "model.layers.0.self_attn.q_proj.weight") in keys
+    assert legacy_llm(kind, "model.embed_tokens.weight") in keys and legacy_llm(kind, "lm_head.weight") in keys
+    llm = {legacy_llm(kind, "model."), legacy_llm(kind, "lm_head.")}
+    tops = {k.split(".")[0] for k in keys if not any(k.startswith(p) for p in llm)}
     assert tops == ENCODERS[kind]
-    assert not any(k.startswith("model.") or k.startswith("lm_head") for k in keys)
+    if kind not in BARE_LLM:
+        assert not any(k.startswith("model.") or k.startswith("lm_head") for k in keys)
 
 
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
@@ -123,8 +141,8 @@ def test_loads_with_own_class_and_tokenizer(legacy, hf5, kind, layout):
     d = (legacy if layout == "legacy" else hf5).source(kind)
     model, info = CLASSES[kind].from_pretrained(d, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    q = next(v for k, v in tensors(d).items() if k.endswith("language_model.model.layers.0.self_attn.q_proj.weight")
-             or k == "model.language_model.layers.0.self_attn.q_proj.weight")
+    q = next(v for k, v in tensors(d).items() if k in (legacy_llm(kind, "model.layers.0.self_attn.q_proj.weight"),
+                                                       "model.language_model.layers.0.self_attn.q_proj.weight"))
     assert torch.equal(model.get_decoder().layers[0].self_attn.q_proj.weight, q)  # really loaded, not re-initialised
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7]])).logits).all()
     fields, vocab = PLACEHOLDERS[kind]
@@ -147,13 +165,13 @@ def test_lm_deltas_small_and_source_specific(legacy):
         assert base["model.embed_tokens.weight"].shape[0] == legacy.vocab_size == 96
         src = tensors(legacy.source(kind))
         for k, b in base.items():
-            s = src["language_model." + k][tuple(slice(0, n) for n in b.shape)]
+            s = src[legacy_llm(kind, k)][tuple(slice(0, n) for n in b.shape)]
             if not b.any():  # Gemma's zero-centred norm weights: perturbed at the documented 0.02 scale
                 assert 0.4 * DS * 0.02 < s.float().pow(2).mean().sqrt() < 2.0 * DS * 0.02, (kind, k)
                 continue
             assert 0.4 * DS < rel(s, b) < 2.0 * DS, (kind, k)
         up = "model.layers.1.mlp.up_proj.weight"
-        deltas[kind] = src["language_model." + up] - base[up]
+        deltas[kind] = src[legacy_llm(kind, up)] - base[up]
     for a in SOURCE_KINDS:
         for b in SOURCE_KINDS:
             if a < b:

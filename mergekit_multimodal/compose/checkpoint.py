@@ -216,9 +216,21 @@ class Checkpoint:
         if self.layout.family.text_only:
             return dict(self.config)
         text = self.config.get("text_config")
-        if not isinstance(text, dict):
+        if isinstance(text, dict):
+            return dict(text)
+        # a legacy config keeps its LLM's fields at the top level (Qwen/Qwen2.5-VL-7B-Instruct on the
+        # Hub): its transformers config class builds the text config from them
+        import transformers
+
+        fields = {k: v for k, v in self.config.items() if k != "model_type"}
+        try:
+            cfg = transformers.AutoConfig.for_model(self.config.get("model_type"), **fields)
+            text = cfg.get_text_config()
+        except Exception:  # noqa: BLE001 - no model_type, an unknown one, bad values
+            text = None
+        if text is None or text is cfg:
             raise CompositionError(f"{self.path}/config.json: no text_config for the language model")
-        return dict(text)
+        return text.to_dict()
 
     def key(self, name: str) -> str:
         """The checkpoint's own name of an LLM tensor given by its causal-LM name."""

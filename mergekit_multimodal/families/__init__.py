@@ -88,6 +88,18 @@ def tiny_sources() -> Dict[str, Tuple[Family, TinySource]]:
     return dict(sorted(items, key=lambda kv: kv[1][1].seed))
 
 
+def causal_lm_class(config):
+    """The causal-LM class of a merged LLM's transformers config: AutoModelForCausalLM's, else the one
+    a family builds for that text model (`Family.causal_lms`: Qwen2-VL's); None if neither knows it."""
+    import transformers
+
+    mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) in mapping:
+        return mapping[type(config)]
+    make = next((f.causal_lms[config.model_type] for f in FAMILIES if config.model_type in f.causal_lms), None)
+    return make() if make is not None else None
+
+
 def layout_for(config: dict, where: str, override=None) -> SplitLayout:
     """The layout of a checkpoint, from its config.json `architectures` or a YAML override."""
     archs = config.get("architectures") or []
@@ -110,5 +122,5 @@ def layout_for(config: dict, where: str, override=None) -> SplitLayout:
     )
 
 
-__all__ = ["FAMILIES", "Family", "Encoder", "TinySource", "SplitLayout", "get_family", "kind_of", "kinds", "marker_kinds", "tiny_sources",
+__all__ = ["FAMILIES", "Family", "Encoder", "TinySource", "SplitLayout", "get_family", "causal_lm_class", "kind_of", "kinds", "marker_kinds", "tiny_sources",
            "layout_for", "LLM", "ENCODER", "CONNECTOR", "OTHER"]

@@ -76,7 +76,9 @@ class TinySource:
     placeholder: Optional[str] = None  # a composite placeholder to use instead of its own
     in_example: bool = False  # part of the built-in example (`mergekit-mm-example`)
     #: (config class, causal-LM class, extra config fields) of the text model the class requires
-    #: (Gemma 3's `Gemma3TextConfig`); None: any of testing.TEXT_FAMILIES (llama by default)
+    #: (Gemma 3's `Gemma3TextConfig`); None: any of testing.TEXT_FAMILIES (llama by default). The
+    #: causal-LM class is a transformers class name, or a function giving the class where transformers
+    #: has none (Qwen2-VL's text model: `families.qwen2_vl.causal_lm_class`)
     text_model: Optional[Tuple[str, str, Mapping[str, object]]] = None
     #: tokenizer attributes its processor reads (Gemma 3's `boi_token`), each one of `added_tokens`
     named_tokens: Mapping[str, str] = field(default_factory=dict)
@@ -123,6 +125,19 @@ class Family:
     #: merged LLM takes, for a family whose source does not attend causally among an item's features
     #: (Gemma 3: bidirectionally within each image); media_mask is 1 at those features' positions
     llm_mask: Optional[Callable] = None
+    #: (composite directory, the stored source directories of its modalities of this family, dtype) ->
+    #: (merged LLM, transformers' loading info), for a family whose language model transformers has no
+    #: causal-LM class for (Qwen2-VL's text model runs 3-D rotary positions); None: AutoModelForCausalLM
+    load_llm: Optional[Callable] = None
+    #: text model_type -> () -> the causal-LM class the family builds for it where transformers has
+    #: none (`qwen2_vl_text`): what builds a composite's merged LLM from its config.json alone (Hub
+    #: validation, LoRA export); `families.causal_lm_class` asks these after AutoModelForCausalLM
+    causal_lms: Mapping[str, Callable] = field(default_factory=dict)
+    #: (encoders {modality: ModalityEncoder}, media {modality: processor outputs}, items, attention_mask)
+    #: -> (position ids, per-row offsets kept for cached decoding), for a family whose source computes the
+    #: LLM's positions from its items' layout (Qwen2-VL: get_rope_index); items are (row, start, end,
+    #: modality, index) of the family's items in the expanded, left-padded sequence
+    llm_positions: Optional[Callable] = None
     #: why checkpoints of these classes cannot be composed and what would be needed (Llama-3.2-Vision);
     #: reading one is an error saying so
     refused: Optional[str] = None

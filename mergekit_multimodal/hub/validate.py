@@ -125,14 +125,16 @@ def _check_llm_tensors(directory: Path) -> dict:
     import torch
     import transformers
 
+    from mergekit_multimodal.families import causal_lm_class
     from mergekit_multimodal.format.tensors import header_shapes, weights_file
 
     found = header_shapes(str(directory), "model")
     file = weights_file(str(directory), "model")
     try:
         cfg = transformers.AutoConfig.from_pretrained(str(directory))
+        cls = causal_lm_class(cfg) or transformers.AutoModelForCausalLM  # Auto's error names an unknown one
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
+            model = cls.from_config(cfg) if cls is transformers.AutoModelForCausalLM else cls(cfg)
     except Exception as exc:  # noqa: BLE001 - unknown model_type, bad values
         raise CompositionError(f"{directory / 'config.json'}: the merged LLM cannot be built from it "
                                f"({type(exc).__name__}: {exc})") from None

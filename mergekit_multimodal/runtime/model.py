@@ -1,10 +1,13 @@
 """`CompositeModel`: a composite directory run as one multimodal model.
 
-The merged LLM is loaded with transformers (`AutoModelForCausalLM`); for MMER every linear layer
-becomes a `RoutedLinear`; each modality's encoder is rebuilt from its stored config. A forward
-replaces each placeholder token, in prompt order, by that item's features (one placeholder per
-image / clip / video; the model expands it to as many positions as the item has features), and
-tokens at those positions take their modality's route; every other token takes the text route.
+The merged LLM is loaded with transformers (`AutoModelForCausalLM`, or a family's `load_llm` where
+transformers has no causal-LM class for it: Qwen2-VL); for MMER every linear layer becomes a
+`RoutedLinear`; each modality's encoder is rebuilt from its stored config. A forward replaces each
+placeholder token, in prompt order, by that item's features (one placeholder per image / clip /
+video; the model expands it to as many positions as the item has features), and tokens at those
+positions take their modality's route; every other token takes the text route. A family that
+computes the LLM's positions from its items (`llm_positions`: Qwen2-VL's 3-D rotary positions) gets
+them for the expanded sequence.
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ class CompositeModel(nn.Module):
         self.llm_mask = fns.pop() if fns else None
         #: modality -> the media key counting each prompt's items (`Family.items_by_prompt`)
         self.by_prompt = {m: f.items_by_prompt for m, f in families.items() if f.items_by_prompt}
+        #: the LLM's positions from the items' layout (`Family.llm_positions`: Qwen2-VL's 3-D rotary
+        #: positions), the modalities it lays out, and the per-row offsets it gave the last prefill
+        self.positions, self.positioned = _one_hook(path, families, "llm_positions", "position")
+        self.position_deltas: Optional[torch.Tensor] = None
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -124,9 +131,16 @@ class CompositeModel(nn.Module):
         device = resolve_device(device) if device is not None else torch.device("cpu")
         prev = transformers.utils.logging.get_verbosity()
         transformers.utils.logging.set_verbosity_error()  # its load report: refuse_incomplete says it in one line
+        families = {m: get_family(info.family, path, modality=m) for m, info in cfg.modalities.items()}
+        load_llm, owners = _one_hook(path, families, "load_llm", "language model")
         try:
-            llm, info = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+            if load_llm is not None:  # a family whose LLM has no causal-LM class in transformers (Qwen2-VL)
+                llm, info = load_llm(path, [os.path.join(path, cfg.modalities[m].path) for m in owners], torch_dtype)
+            else:
+                llm, info = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+        except CompositionError:
+            raise
         except Exception as exc:
             raise CompositionError(f"{path}: the merged LLM does not load ({type(exc).__name__}: {exc})") from None
         finally:
@@ -209,7 +223,8 @@ class CompositeModel(nn.Module):
 
     def _prepare(self, input_ids, attention_mask, media):
         """`prepare_inputs`, plus a [batch, positions] mask of the features whose family gives the
-        LLM its own attention over them (`Family.llm_mask`)."""
+        LLM its own attention over them (`Family.llm_mask`), and the LLM's position ids when a family
+        computes them (`Family.llm_positions`; else None)."""
         media = media or {}
         for m in media:
             if m not in self.encoders:
@@ -228,12 +243,17 @@ class CompositeModel(nn.Module):
                         f"modality {m!r}: its media's {key} {counted} does not match the prompts' {m} items per prompt "
                         f"{held}; its source lays out an image by how many share its prompt, so build the media "
                         f"with CompositeProcessor for these prompts")
-        rows, routes, owns = [], [], []
+        rows, routes, owns, spans = [], [], [], []
         cursor = {m: 0 for m in feats}
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][attention_mask[b].bool()]
-            pieces, route, own = [], [], []
-            start = 0
+            pieces, route, own, span = [], [], [], []
+            start, at = 0, 0
+            def text(ids_):  # noqa: E306
+                pieces.append(embed(ids_.to(self.device)))
+                route.append(torch.zeros(len(ids_), dtype=torch.long))
+                own.append(torch.zeros(len(ids_), dtype=torch.long))
+                return len(ids_)
             for pos, tok in enumerate(ids.tolist()):
                 m = next((m for m, pid in self.placeholder_ids.items() if pid == tok), None)
                 if m is None:
@@ -242,26 +262,25 @@ class CompositeModel(nn.Module):
                     given = len(feats.get(m, []))
                     raise CompositionError(f"the prompt has more {m!r} placeholders than the {given} {m} item(s) given")
                 if pos > start:
-                    pieces.append(embed(ids[start:pos].to(self.device)))
-                    route.append(torch.zeros(pos - start, dtype=torch.long))
-                    own.append(torch.zeros(pos - start, dtype=torch.long))
+                    at += text(ids[start:pos])
                 f = feats[m][cursor[m]].to(self.device, self.dtype)
                 if m in self.row_tokens:
                     f = self._break_rows(m, f, grids[m][cursor[m]], embed)
                 if m in self.affixes:  # DAMC: prefix + features + suffix, all on the modality's route
                     f = torch.cat([t for t in (self.affixes[m][0], f, self.affixes[m][1]) if t is not None])
+                span.append((at, at + f.shape[0], m, cursor[m]))
+                at += f.shape[0]
                 cursor[m] += 1
                 pieces.append(f)
                 route.append(torch.full((f.shape[0],), self.route_of.get(m, 0), dtype=torch.long))
                 own.append(torch.full((f.shape[0],), int(m in self.masked), dtype=torch.long))
                 start = pos + 1
             if start < len(ids):
-                pieces.append(embed(ids[start:].to(self.device)))
-                route.append(torch.zeros(len(ids) - start, dtype=torch.long))
-                own.append(torch.zeros(len(ids) - start, dtype=torch.long))
+                at += text(ids[start:])
             rows.append(torch.cat(pieces))
             routes.append(torch.cat(route))
             owns.append(torch.cat(own))
+            spans.append(span)
         for m, n in cursor.items():
             if n != len(feats[m]):
                 raise CompositionError(f"{len(feats[m])} {m} item(s) given but the prompt has {n} {m!r} placeholder(s)")
@@ -276,7 +295,13 @@ class CompositeModel(nn.Module):
             mask[b, width - r.shape[0]:] = 1
             route_ids[b, width - r.shape[0]:] = rt.to(self.device)
             own_mask[b, width - r.shape[0]:] = o.to(self.device)
-        return embeds, mask, route_ids, own_mask
+        items = [(b, width - r.shape[0] + s, width - r.shape[0] + e, m, i)
+                 for b, (r, span) in enumerate(zip(rows, spans)) for s, e, m, i in span if m in self.positioned]
+        positions = None
+        if items:  # the family's positions for its items (text-only prompts: the plain positions equal them)
+            positions, self.position_deltas = self.positions(
+                {m: self.encoders[m] for m in self.positioned if m in self.encoders}, media, items, mask)
+        return embeds, mask, route_ids, own_mask, positions
 
     def _break_rows(self, m: str, f: torch.Tensor, grid: Tuple[int, int], embed) -> torch.Tensor:
         """An image's features laid out as its source's processor lays out its tokens: each row of
@@ -308,11 +333,20 @@ class CompositeModel(nn.Module):
     # -- running ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 media: Optional[Media] = None, **kwargs):
-        embeds, mask, route_ids, own = self._prepare(input_ids, attention_mask, media)
+        embeds, mask, route_ids, own, positions = self._prepare(input_ids, attention_mask, media)
         # transformers 5.24 passes the KV cache as `cache` (`past_key_values` is deprecated, gone in 5.40)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if "position_ids" not in kwargs and cache is None:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: a row scores as alone
+            if positions is None:
+                self.position_deltas = None
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: a row scores as alone
+            kwargs["position_ids"] = positions
+        elif "position_ids" not in kwargs and self.position_deltas is not None and positions is None:
+            # a cached step after a prefill whose family computed the positions: continue them (the
+            # source's rope_deltas: position = cached length + offset)
+            past = cache.get_seq_length()
+            steps = torch.arange(past, past + embeds.shape[1], device=self.device)[None]
+            kwargs["position_ids"] = steps + self.position_deltas.to(self.device)
         attn = self._attention(embeds, mask, kwargs.get("position_ids"), cache, own)
         self.state.set_tokens(route_ids)
         try:
@@ -336,7 +370,12 @@ class CompositeModel(nn.Module):
         match the prefill's route map, so generated tokens take the text route. Under `route(m)`
         every token, generated ones included (weights and embedding rows), runs on route m.
         """
-        embeds, mask, route_ids, own = self._prepare(input_ids, attention_mask, media)
+        embeds, mask, route_ids, own, positions = self._prepare(input_ids, attention_mask, media)
+        if positions is not None and "position_ids" not in generate_kwargs:
+            # as the source's generate: the text positions first (its masks), then the family's; each
+            # new token continues every row by one
+            text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            generate_kwargs["position_ids"] = torch.cat([text[None], positions.to(text.device)])
         hook = None
         if self.llm_mask is not None and bool(own.any()):
             def prefill_mask(module, args, kwargs):  # the prompt's step (its embeddings) takes the family's masks
@@ -353,6 +392,17 @@ class CompositeModel(nn.Module):
             self.state.set_tokens(None)
             if hook is not None:
                 hook.remove()
+
+
+def _one_hook(path: str, families, hook: str, what: str):
+    """The one function some modalities' families give for `hook` (`Family.load_llm`, `llm_positions`)
+    and those modalities; (None, ()) when none does. Two different ones cannot both run."""
+    owners = tuple(m for m, f in families.items() if getattr(f, hook) is not None)
+    fns = {getattr(families[m], hook) for m in owners}
+    if len(fns) > 1:
+        raise CompositionError(f"{path}: modalities {list(owners)} come from families ({', '.join(sorted({families[m].name for m in owners}))}) "
+                               f"that each run the merged LLM's {what} their own way; one composite can run only one")
+    return (fns.pop() if fns else None), owners
 
 
 def _row_tokens(path: str, cfg: Manifest, encoders: Dict[str, ModalityEncoder]) -> Dict[str, Tuple[int, int]]:
