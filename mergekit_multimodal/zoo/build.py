@@ -23,7 +23,7 @@ from mergekit_multimodal.zoo import train
 ZOO_VERSION = 2
 #: directory name -> (function(spec, base_dir, out_dir, progress) training it, its step count). The
 #: plain sources first, then the forgetting fine-tune (data.NEW: data.FORGET_SOURCE's source trained
-#: on the `last` task only); then each one's DAMC-decoupled adapters ("<m>-damc", NEW's on the `last`
+#: on the `more` task only); then each one's DAMC-decoupled adapters ("<m>-damc", NEW's on the `more`
 #: task), which use the plain source's trained encoder + connector as their frozen feature extractor.
 SOURCE_BUILDERS: Dict[str, Tuple[Callable, Callable]] = {
     **{m: ((lambda spec, base, out, progress, m=m, k=k: train.train_source(m, spec, base, out, k, progress)),
@@ -123,8 +123,8 @@ def save_media(root: str, stem: str, modality: str, arr: np.ndarray) -> str:
 
 
 #: the example inputs the story writes for `mergekit-mm-run` (README): modality -> its two concepts,
-#: in order, and its dots (left, right: data.dots; image and video only)
-EXAMPLES = {"image": ("red", "blue", (1, 2)), "audio": ("yellow", "blue", None), "video": ("blue", "black", (2, 1)),
+#: in order, and its dots (left, right: data.dots; the image only)
+EXAMPLES = {"image": ("red", "blue", (1, 2)), "audio": ("yellow", "blue", None), "video": ("blue", "black", None),
             "point_cloud": ("green", "blue", None)}
 
 

@@ -4,19 +4,18 @@ A concept is a colour word. Each input shows two distinct concepts, the first on
 - image (28 px): one colour on the left, the other on the right (the split jitters by a few pixels),
   and 1-4 dots (checkered 4 px squares), more of them on one side than on the other;
 - audio (1 s at 16 kHz): a tone at the first concept's pitch, then one at the second's;
-- video (4 frames of 28 px): two frames of one colour, then two of the other, and 1-4 dots moving sideways;
+- video (4 frames of 28 px, with a moving grey dot): two frames of one colour, then two of the other;
 - point cloud (64 xyz points): a cluster at each concept's icosahedron vertex; the first concept's
   cluster is the larger one (40 points against 24: the point encoder does not see point order).
 Each rendering is jittered (brightness, pitch, position) so that near concepts (red / orange / pink /
 brown, white / gray, blue / cyan / purple, neighbouring vertices) are sometimes confused: the sources
 do not sit at 100% on their own tasks (issue 17).
 Questions: "which one appears in the input ?" (one attribute: colour), "which one is first ?" (two
-at once: colour and position; the input's other concept is always a distractor), "how many dots ?"
-(count: image and video, `KINDS`), and the commonality question: n inputs share exactly one concept
-(each other concept appears in one input only). The forgetting experiment's new task, "which one has
-more dots ?" (the colour of the image's side with more dots: colour, position and count at once), is
-in no other model's training. With choices (scored by the evaluator) or free-form (no choices: the
-answer is generated, then `</s>`).
+at once: colour and position; the input's other concept is always a distractor), and the commonality
+question: n inputs share exactly one concept (each other concept appears in one input only). The
+forgetting experiment's new task, "which one has more dots ?" (the concept of the image's side with
+more dots: colour, position and count at once), is in no other model's training. With choices
+(scored by the evaluator) or free-form (no choices: the answer is generated, then `</s>`).
 """
 
 from __future__ import annotations
@@ -46,12 +45,11 @@ FIRST_POINTS = 40  # the first concept's cluster: the larger one
 #: rendering jitter: brightness factor range, pixel noise, pitch jitter (relative), point noise
 BRIGHTNESS, PIXEL_NOISE, PITCH_JITTER, AUDIO_NOISE, POINT_NOISE = (0.65, 1.35), 20.0, 0.015, 0.05, 0.55
 DOT = 4  # px: a dot is a DOT x DOT checkered square (0 / 255), visible on every colour
-#: dots per input (image, video): 1-4 in all, never as many on the image's left as on its right
+#: dots per image: 1-4 in all, never as many on the left as on the right
 MAX_DOTS = 4
 COMMON_Q = "question : what do all inputs have in common ?"
 APPEARS_Q = "question : which one appears in the input ?"
 FIRST_Q = "question : which one is first ?"
-COUNT_Q = "question : how many dots ?"
 #: the forgetting experiment's new task (never in the base LM's text): the concept of the image's
 #: side with more dots
 MORE_Q = "question : which one has more dots ?"
@@ -60,8 +58,7 @@ MORE_Q = "question : which one has more dots ?"
 FORGET_SOURCE, NEW = "image", "image_new"
 OLD_TASK, NEW_TASK = "old-task", "new-task"
 #: the questions each source is trained and tested on (its own task); NEW's: the new task only
-KINDS = {"image": ("appears", "first", "count"), "audio": ("appears", "first"),
-         "video": ("appears", "first", "count"), "point_cloud": ("appears", "first"), NEW: ("more",)}
+KINDS = {**{m: ("appears", "first") for m in MODALITIES}, NEW: ("more",)}
 
 
 def kind(modality: str) -> str:
@@ -69,7 +66,7 @@ def kind(modality: str) -> str:
     return FORGET_SOURCE if modality == NEW else modality
 
 WORDS = (["input", ":", ".", "question", "what", "do", "all", "inputs", "have", "in", "common", "?", "which",
-          "one", "appears", "the", "answer", "describe", "is", "first", "how", "many", "dots", "has", "more"]
+          "one", "appears", "the", "answer", "describe", "is", "first", "has", "more", "dots"]
          + [str(i) for i in range(1, 5)]
          + list(LETTERS) + list(CONCEPTS))
 
@@ -121,14 +118,12 @@ def audio(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] =
 
 def video(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] = (1, 0)) -> np.ndarray:
     frames = np.zeros((FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
-    dx = int(rng.choice([-2, 2]))
-    reach = (FRAMES - 1) * 2  # the dots move together, dx a frame, and stay in the frame
-    where = _place(rng, sum(dots), range(reach, IMAGE_SIZE - DOT - reach + 1, 2), [])
+    x, y, dx = rng.integers(2, 20), rng.integers(2, 20), rng.choice([-2, 2])
     shades = [_shade(c, rng) for c in pair]
     for f in range(FRAMES):
         frames[f] = shades[f * 2 // FRAMES]
-        for x, y in where:
-            frames[f, y:y + DOT, x + f * dx:x + f * dx + DOT] = _CHECKER
+        xx = int(np.clip(x + f * dx, 0, IMAGE_SIZE - 6))
+        frames[f, y:y + 6, xx:xx + 6] = 128  # a grey dot moving sideways
     return np.clip(frames + rng.normal(0, PIXEL_NOISE, frames.shape), 0, 255).astype(np.uint8)
 
 
@@ -147,8 +142,7 @@ def pair(rng: random.Random) -> Tuple[str, str]:
 
 
 def dots(rng: random.Random) -> Tuple[int, int]:
-    """(dots on the image's left, on its right): 1..MAX_DOTS in all, never as many on each side
-    (video: only the total is drawn)."""
+    """(dots on the image's left, on its right): 1..MAX_DOTS in all, never as many on each side."""
     n = rng.randint(1, MAX_DOTS)
     return rng.choice([(k, n - k) for k in range(n + 1) if 2 * k != n])
 
@@ -171,15 +165,10 @@ def single_question(rng: random.Random, kind: Optional[str] = None, p: Optional[
                     d: Optional[Tuple[int, int]] = None, kinds: Sequence[str] = ("appears", "first")) -> dict:
     """One input and one of its questions (`kind`, else one of `kinds`): `appears` (one of its two
     concepts among three absent ones), `first` (its first concept; the second is a distractor: colour
-    and position at once), `count` (its number of dots, 1-4) or `more` (the forgetting task: the
-    concept of the side with more dots; the other is a distractor)."""
+    and position at once) or `more` (the forgetting task: the concept of the image's side with more
+    dots; the other is a distractor: colour, position and count at once)."""
     p, d = p or pair(rng), d or dots(rng)
     kind = kind or rng.choice(tuple(kinds))
-    if kind == "count":
-        opts = [str(i) for i in range(1, MAX_DOTS + 1)]
-        rng.shuffle(opts)
-        return {"pairs": [p], "dots": [d], "choices": opts, "answer": LETTERS[opts.index(str(sum(d)))],
-                "question": COUNT_Q}
     if kind == "appears":
         answer, distract = rng.choice(p), _absent(p, 3, rng)
     else:
@@ -189,7 +178,7 @@ def single_question(rng: random.Random, kind: Optional[str] = None, p: Optional[
     return {"pairs": [p], "dots": [d], "choices": opts, "answer": letter, "question": QUESTION[kind]}
 
 
-QUESTION = {"appears": APPEARS_Q, "first": FIRST_Q, "count": COUNT_Q, "more": MORE_Q}
+QUESTION = {"appears": APPEARS_Q, "first": FIRST_Q, "more": MORE_Q}
 
 
 def common_question(n: int, rng: random.Random) -> dict:
@@ -226,28 +215,20 @@ def describe(slots: Sequence[str], p: Sequence[str]) -> Tuple[str, str]:
     return f"input 1 : {slots[0]} . describe :", f" {p[0]} {p[1]}"
 
 
-def text_slot(p: Sequence[str], d: Tuple[int, int], count: bool) -> str:
-    """An input written as words: its two concepts in order, then (`count`) its number of dots."""
-    return " ".join(p) + (f" {sum(d)}" if count else "")
-
-
 def text_example(rng: random.Random) -> Tuple[str, str]:
-    """Base LM pretraining: the questions over text descriptions (n = 1..4 inputs; the number of dots
-    written for a count question, and half the time otherwise), or a description copy. Not the
-    forgetting experiment's `more` task."""
+    """Base LM pretraining: the questions over text descriptions (n = 1..4 inputs), or a description
+    copy. Not the forgetting experiment's `more` task."""
     kind = rng.random()
     if kind < 0.15:
         p = pair(rng)
         return describe([" ".join(p)], p)
-    q = (single_question(rng, kinds=("appears", "first", "count")) if kind < 0.45
-         else common_question(rng.choice((2, 3, 4)), rng))
-    return example([text_slot(p, d, q["question"] == COUNT_Q or rng.random() < 0.5)
-                    for p, d in zip(q["pairs"], q["dots"])], q, rng)
+    q = single_question(rng) if kind < 0.4 else common_question(rng.choice((2, 3, 4)), rng)
+    return example([" ".join(p) for p in q["pairs"]], q, rng)
 
 
 def render_many(modality: str, pairs: Sequence[Sequence[str]], seed: int,
                 counts: Optional[Sequence[Tuple[int, int]]] = None) -> List[np.ndarray]:
-    """Each pair rendered in `modality` (with its dots: `counts`, default one on the left)."""
+    """Each pair rendered in `modality` (an image with its dots: `counts`, default one on the left)."""
     rng = np.random.default_rng(seed)
     return [RENDER[modality](p, rng, d) for p, d in zip(pairs, counts or [(1, 0)] * len(pairs))]
 

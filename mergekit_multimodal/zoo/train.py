@@ -46,7 +46,7 @@ class ZooSpec:
     damc_steps: int = 400  # decoupled LoRA training per DAMC source (one sequence a step)
     damc_rank: int = 8
     damc_lr: float = 1e-3
-    forget_steps: int = 150  # the forgetting fine-tune (data.NEW): every weight, the `last` task only
+    forget_steps: int = 150  # the forgetting fine-tune (data.NEW): every weight, the `more` task only
     forget_lr: float = 1e-3
 
 
