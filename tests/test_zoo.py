@@ -104,7 +104,7 @@ def test_results_files_are_written(story):
 
 
 def test_the_fine_tune_forgets_its_sources_task(story):
-    """The forgetting section: the image source fine-tuned on `last` only loses its own task beyond
+    """The forgetting section: the image source fine-tuned on `more` only loses its own task beyond
     the interval (the claim's interval clears 0); every row is scored on both tasks."""
     claims = {c["claim"]: c for c in story[1]["claims"]}
     assert claims["forgetting: source image - its fine-tune on old-task > 0"]["holds"], claims

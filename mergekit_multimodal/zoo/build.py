@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import wave
 from typing import Callable, Dict, Optional, Tuple
@@ -134,7 +135,7 @@ def write_examples(out_dir: str, seed: int = 7) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     return {m: os.path.join(out_dir, save_media(out_dir, f"{m}-{a}-{b}" + (f"-{sum(d)}dots" if d else ""), m,
-                                                data.RENDER[m]((a, b), rng, d or (1, 0))))
+                                                data.RENDER[m]((a, b), rng, d)))
             for m, (a, b, d) in EXAMPLES.items()}
 
 
@@ -144,10 +145,13 @@ def write_benchmark(out_dir: str, seed: int, per_subset: int, items: Callable = 
     (training draws from the spec's seed)."""
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     rng = np.random.default_rng(seed)
+    dots_rng = random.Random(seed)  # an image's dots where its question did not draw them
     lines = []
     for i, q in enumerate(items(seed, per_subset)):
         media: Dict[str, list] = {}
         for m, p, d in zip(q["modalities"], q["pairs"], q["dots"]):
+            if d is None and data.kind(m) == "image":
+                d = data.dots(dots_rng)
             media[m] = [save_media(out_dir, f"media/{i:05d}-{m}", data.kind(m), data.RENDER[data.kind(m)](p, rng, d))]
         # the evaluator's template adds the choices and "answer :"
         question = data.prompt([f"<{m}>" for m in q["modalities"]], q["question"]).removesuffix(" answer :")

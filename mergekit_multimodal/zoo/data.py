@@ -43,7 +43,7 @@ LETTERS = ("A", "B", "C", "D")
 IMAGE_SIZE, FRAMES, SAMPLE_RATE, POINTS = 28, 4, 16000, 64
 FIRST_POINTS = 40  # the first concept's cluster: the larger one
 #: rendering jitter: brightness factor range, pixel noise, pitch jitter (relative), point noise
-BRIGHTNESS, PIXEL_NOISE, PITCH_JITTER, AUDIO_NOISE, POINT_NOISE = (0.65, 1.35), 20.0, 0.015, 0.05, 0.55
+BRIGHTNESS, PIXEL_NOISE, PITCH_JITTER, AUDIO_NOISE, POINT_NOISE = (0.65, 1.35), 20.0, 0.007, 0.03, 0.55
 DOT = 4  # px: a dot is a DOT x DOT checkered square (0 / 255), visible on every colour
 #: dots per image: 1-4 in all, never as many on the left as on the right
 MAX_DOTS = 4
@@ -107,7 +107,7 @@ def image(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] =
     return np.clip(img + rng.normal(0, PIXEL_NOISE, img.shape), 0, 255).astype(np.uint8)
 
 
-def audio(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] = (1, 0)) -> np.ndarray:
+def audio(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[int, int]] = None) -> np.ndarray:
     n = SAMPLE_RATE // 2
     t = np.arange(n) / SAMPLE_RATE
     parts = [rng.uniform(0.2, 0.6) * np.sin(2 * np.pi * PITCH[c] * (1 + rng.normal(0, PITCH_JITTER)) * t
@@ -116,7 +116,7 @@ def audio(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] =
     return wave.astype(np.float32)
 
 
-def video(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] = (1, 0)) -> np.ndarray:
+def video(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[int, int]] = None) -> np.ndarray:
     frames = np.zeros((FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     x, y, dx = rng.integers(2, 20), rng.integers(2, 20), rng.choice([-2, 2])
     shades = [_shade(c, rng) for c in pair]
@@ -127,7 +127,7 @@ def video(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] =
     return np.clip(frames + rng.normal(0, PIXEL_NOISE, frames.shape), 0, 255).astype(np.uint8)
 
 
-def point_cloud(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] = (1, 0)) -> np.ndarray:
+def point_cloud(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[int, int]] = None) -> np.ndarray:
     sizes = (FIRST_POINTS, POINTS - FIRST_POINTS)
     pts = np.concatenate([CORNER[c] + rng.normal(0, POINT_NOISE, (k, 3)) for c, k in zip(pair, sizes)])
     return pts[rng.permutation(POINTS)].astype(np.float32)  # order carries nothing: size tells the first
@@ -167,8 +167,9 @@ def single_question(rng: random.Random, kind: Optional[str] = None, p: Optional[
     concepts among three absent ones), `first` (its first concept; the second is a distractor: colour
     and position at once) or `more` (the forgetting task: the concept of the image's side with more
     dots; the other is a distractor: colour, position and count at once)."""
-    p, d = p or pair(rng), d or dots(rng)
+    p = p or pair(rng)
     kind = kind or rng.choice(tuple(kinds))
+    d = d or (dots(rng) if kind == "more" else None)  # drawn only where the question needs them
     if kind == "appears":
         answer, distract = rng.choice(p), _absent(p, 3, rng)
     else:
@@ -189,7 +190,7 @@ def common_question(n: int, rng: random.Random) -> dict:
     absent = [c for c in CONCEPTS if c != common and c not in others]
     distract = (others + rng.sample(absent, 3))[:3]
     opts, letter = choices_with(common, distract, rng)
-    return {"pairs": pairs, "dots": [dots(rng) for _ in pairs], "choices": opts, "answer": letter, "question": COMMON_Q}
+    return {"pairs": pairs, "dots": [None] * n, "choices": opts, "answer": letter, "question": COMMON_Q}
 
 
 def answer_word(q: dict) -> str:
@@ -228,15 +229,15 @@ def text_example(rng: random.Random) -> Tuple[str, str]:
 
 def render_many(modality: str, pairs: Sequence[Sequence[str]], seed: int,
                 counts: Optional[Sequence[Tuple[int, int]]] = None) -> List[np.ndarray]:
-    """Each pair rendered in `modality` (an image with its dots: `counts`, default one on the left)."""
+    """Each pair rendered in `modality` (an image with its dots: `counts`)."""
     rng = np.random.default_rng(seed)
-    return [RENDER[modality](p, rng, d) for p, d in zip(pairs, counts or [(1, 0)] * len(pairs))]
+    return [RENDER[modality](p, rng, d) for p, d in zip(pairs, counts or [None] * len(pairs))]
 
 
 def benchmark_items(seed: int, per_subset: int) -> List[dict]:
     """Benchmark questions (no media yet): each modality's own task (KINDS), then common-2/3/4 over
     random distinct modalities. Each entry: subset, question text with placeholders, modalities,
-    pairs, dots, choices, answer."""
+    pairs, dots (None where no question needs them: write_benchmark draws an image's), choices, answer."""
     rng = random.Random(seed)
     items: List[dict] = []
     for m in MODALITIES:

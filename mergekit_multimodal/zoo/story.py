@@ -141,18 +141,27 @@ def _tree_hash(directory: str) -> str:
     return h.hexdigest()
 
 
+_BENCH_FILES: Dict[tuple, List[str]] = {}
 _BENCH_HASHES: Dict[tuple, str] = {}
+
+
+def _stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return path, st.st_size, st.st_mtime_ns
 
 
 def _benchmark_hash(benchmark: str) -> str:
     """sha256 over a benchmark's question file and every media file its questions name (not the
-    other files beside it); computed once per process while none of those files changes (size, mtime)."""
+    other files beside it); read once per process while none of those files changes (size, mtime)."""
     from mergekit_multimodal.evaluation import load_benchmark
     from mergekit_multimodal.evaluation.benchmark import _benchmark_file
 
     questions = _benchmark_file(os.fspath(benchmark))
-    files = [questions] + sorted({p for q in load_benchmark(questions) for items in q.media.values() for p in items})
-    stamp = tuple((p, st.st_size, st.st_mtime_ns) for p in files for st in [os.stat(p)])
+    if _stamp(questions) not in _BENCH_FILES:  # the media its questions name
+        _BENCH_FILES[_stamp(questions)] = [questions] + sorted(
+            {p for q in load_benchmark(questions) for items in q.media.values() for p in items})
+    files = _BENCH_FILES[_stamp(questions)]
+    stamp = tuple(map(_stamp, files))
     if stamp not in _BENCH_HASHES:
         h = hashlib.sha256()
         _file_hashes(h, os.path.dirname(questions), files)

@@ -235,7 +235,7 @@ def _train_phases(model, modality: str, spec: ZooSpec, tok, placeholder: str, rn
     encoder's positions) stay frozen."""
     kinds = kinds or data.KINDS[modality]
     pairs = [data.pair(rng) for _ in range(spec.train_items)]
-    counts = [data.dots(rng) for _ in pairs]
+    counts = [data.dots(rng) if modality == "image" else None for _ in pairs]  # only images have dots
     media = _media_tensors(modality, data.render_many(modality, pairs, seed, counts))
     decoder, head, emb_fn = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
     model.train()
@@ -301,7 +301,7 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
     source.eval()
     n = min(spec.train_items, spec.damc_steps)
     pairs = [data.pair(rng) for _ in range(n)]
-    counts = [data.dots(rng) for _ in pairs]
+    counts = [data.dots(rng) if modality == "image" else None for _ in pairs]
     media = _media_tensors(modality, data.render_many(modality, pairs, seed, counts))
     with torch.no_grad():
         feats = [f for i in range(0, n, spec.batch)
