@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import wave
 from typing import Callable, Dict, Optional, Tuple
@@ -20,10 +21,10 @@ from PIL import Image
 from mergekit_multimodal.zoo import data
 from mergekit_multimodal.zoo import train
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 #: directory name -> (function(spec, base_dir, out_dir, progress) training it, its step count). The
 #: plain sources first, then the forgetting fine-tune (data.NEW: data.FORGET_SOURCE's source trained
-#: on the `last` task only); then each one's DAMC-decoupled adapters ("<m>-damc", NEW's on the `last`
+#: on the `more` task only); then each one's DAMC-decoupled adapters ("<m>-damc", NEW's on the `more`
 #: task), which use the plain source's trained encoder + connector as their frozen feature extractor.
 SOURCE_BUILDERS: Dict[str, Tuple[Callable, Callable]] = {
     **{m: ((lambda spec, base, out, progress, m=m, k=k: train.train_source(m, spec, base, out, k, progress)),
@@ -122,18 +123,20 @@ def save_media(root: str, stem: str, modality: str, arr: np.ndarray) -> str:
     return rel
 
 
-#: the example inputs the story writes for `mergekit-mm-run` (README): modality -> its two concepts, in order
-EXAMPLES = {"image": ("red", "blue"), "audio": ("yellow", "blue"), "video": ("blue", "black"),
-            "point_cloud": ("green", "blue")}
+#: the example inputs the story writes for `mergekit-mm-run` (README): modality -> its two concepts,
+#: in order, and its dots (left, right: data.dots; the image only)
+EXAMPLES = {"image": ("red", "blue", (1, 2)), "audio": ("yellow", "blue", None), "video": ("blue", "black", None),
+            "point_cloud": ("green", "blue", None)}
 
 
 def write_examples(out_dir: str, seed: int = 7) -> Dict[str, str]:
-    """One input per modality (EXAMPLES; named by their concepts, first one first) for trying the
-    composites by hand: they share one concept, blue. Returns modality -> path."""
+    """One input per modality (EXAMPLES; named by their concepts, first one first, then the number of
+    dots) for trying the composites by hand: they share one concept, blue. Returns modality -> path."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    return {m: os.path.join(out_dir, save_media(out_dir, f"{m}-{p[0]}-{p[1]}", m, data.RENDER[m](p, rng)))
-            for m, p in EXAMPLES.items()}
+    return {m: os.path.join(out_dir, save_media(out_dir, f"{m}-{a}-{b}" + (f"-{sum(d)}dots" if d else ""), m,
+                                                data.RENDER[m]((a, b), rng, d)))
+            for m, (a, b, d) in EXAMPLES.items()}
 
 
 def write_benchmark(out_dir: str, seed: int, per_subset: int, items: Callable = data.benchmark_items) -> str:
@@ -142,11 +145,14 @@ def write_benchmark(out_dir: str, seed: int, per_subset: int, items: Callable = 
     (training draws from the spec's seed)."""
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     rng = np.random.default_rng(seed)
+    dots_rng = random.Random(seed)  # an image's dots where its question did not draw them
     lines = []
     for i, q in enumerate(items(seed, per_subset)):
         media: Dict[str, list] = {}
-        for m, p in zip(q["modalities"], q["pairs"]):
-            media[m] = [save_media(out_dir, f"media/{i:05d}-{m}", data.kind(m), data.RENDER[data.kind(m)](p, rng))]
+        for m, p, d in zip(q["modalities"], q["pairs"], q["dots"]):
+            if d is None and data.kind(m) == "image":
+                d = data.dots(dots_rng)
+            media[m] = [save_media(out_dir, f"media/{i:05d}-{m}", data.kind(m), data.RENDER[data.kind(m)](p, rng, d))]
         # the evaluator's template adds the choices and "answer :"
         question = data.prompt([f"<{m}>" for m in q["modalities"]], q["question"]).removesuffix(" answer :")
         lines.append(json.dumps({"id": f"q{i:05d}", "subset": q["subset"], "question": question, "media": media,

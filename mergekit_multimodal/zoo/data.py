@@ -1,7 +1,8 @@
 """Synthetic concepts, media and text for the zoo: every modality expresses the same 12 concepts.
 
 A concept is a colour word. Each input shows two distinct concepts, the first one *first*:
-- image (28 px): one colour on the left, the other on the right (the split jitters by a few pixels);
+- image (28 px): one colour on the left, the other on the right (the split jitters by a few pixels),
+  and 1-4 dots (checkered 4 px squares), more of them on one side than on the other;
 - audio (1 s at 16 kHz): a tone at the first concept's pitch, then one at the second's;
 - video (4 frames of 28 px, with a moving grey dot): two frames of one colour, then two of the other;
 - point cloud (64 xyz points): a cluster at each concept's icosahedron vertex; the first concept's
@@ -11,8 +12,10 @@ brown, white / gray, blue / cyan / purple, neighbouring vertices) are sometimes 
 do not sit at 100% on their own tasks (issue 17).
 Questions: "which one appears in the input ?" (one attribute: colour), "which one is first ?" (two
 at once: colour and position; the input's other concept is always a distractor), and the commonality
-question: n inputs share exactly one concept (each other concept appears in one input only). With
-choices (scored by the evaluator) or free-form (no choices: the answer is generated, then `</s>`).
+question: n inputs share exactly one concept (each other concept appears in one input only). The
+forgetting experiment's new task, "which one has more dots ?" (the concept of the image's side with
+more dots: colour, position and count at once), is in no other model's training. With choices
+(scored by the evaluator) or free-form (no choices: the answer is generated, then `</s>`).
 """
 
 from __future__ import annotations
@@ -40,16 +43,22 @@ LETTERS = ("A", "B", "C", "D")
 IMAGE_SIZE, FRAMES, SAMPLE_RATE, POINTS = 28, 4, 16000, 64
 FIRST_POINTS = 40  # the first concept's cluster: the larger one
 #: rendering jitter: brightness factor range, pixel noise, pitch jitter (relative), point noise
-BRIGHTNESS, PIXEL_NOISE, PITCH_JITTER, AUDIO_NOISE, POINT_NOISE = (0.65, 1.35), 20.0, 0.015, 0.05, 0.55
+BRIGHTNESS, PIXEL_NOISE, PITCH_JITTER, AUDIO_NOISE, POINT_NOISE = (0.65, 1.35), 20.0, 0.007, 0.03, 0.55
+DOT = 4  # px: a dot is a DOT x DOT checkered square (0 / 255), visible on every colour
+#: dots per image: 1-4 in all, never as many on the left as on the right
+MAX_DOTS = 4
 COMMON_Q = "question : what do all inputs have in common ?"
 APPEARS_Q = "question : which one appears in the input ?"
 FIRST_Q = "question : which one is first ?"
-#: the forgetting experiment's new task (never in the base LM's text): the input's second concept
-LAST_Q = "question : which one is last ?"
-#: the forgetting experiment: FORGET_SOURCE's source fine-tuned on `last` only is the zoo's fifth
+#: the forgetting experiment's new task (never in the base LM's text): the concept of the image's
+#: side with more dots
+MORE_Q = "question : which one has more dots ?"
+#: the forgetting experiment: FORGET_SOURCE's source fine-tuned on `more` only is the zoo's fifth
 #: source, modality NEW (a task route of FORGET_SOURCE's kind); its benchmark subsets
 FORGET_SOURCE, NEW = "image", "image_new"
 OLD_TASK, NEW_TASK = "old-task", "new-task"
+#: the questions each source is trained and tested on (its own task); NEW's: the new task only
+KINDS = {**{m: ("appears", "first") for m in MODALITIES}, NEW: ("more",)}
 
 
 def kind(modality: str) -> str:
@@ -57,7 +66,8 @@ def kind(modality: str) -> str:
     return FORGET_SOURCE if modality == NEW else modality
 
 WORDS = (["input", ":", ".", "question", "what", "do", "all", "inputs", "have", "in", "common", "?", "which",
-          "one", "appears", "the", "answer", "describe", "is", "first", "last"] + [str(i) for i in range(1, 5)]
+          "one", "appears", "the", "answer", "describe", "is", "first", "has", "more", "dots"]
+         + [str(i) for i in range(1, 5)]
          + list(LETTERS) + list(CONCEPTS))
 
 
@@ -65,15 +75,39 @@ def _shade(c: str, rng: np.random.Generator) -> np.ndarray:
     return np.array(RGB[c], dtype=np.float32) * rng.uniform(*BRIGHTNESS)
 
 
-def image(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+_CHECKER = np.where(np.add.outer(np.arange(DOT), np.arange(DOT)) % 2, 255.0, 0.0)[..., None]
+_ROWS = range(0, IMAGE_SIZE - DOT + 1, 2)  # dots sit on even pixels: one checker phase
+
+
+def _place(rng: np.random.Generator, k: int, cols: Sequence[int], taken: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """k dot corners (x, y) among `cols` x _ROWS, apart from every dot in `taken` and each other
+    (a gap of a pixel at least; drawn again from the start where the first ones leave no room)."""
+    apart = lambda p, q: abs(p[0] - q[0]) > DOT or abs(p[1] - q[1]) > DOT  # noqa: E731
+    spots = [(x, y) for x in cols for y in _ROWS if all(apart((x, y), t) for t in taken)]
+    while True:
+        out: List[Tuple[int, int]] = []
+        while len(out) < k:
+            free = [s for s in spots if all(apart(s, o) for o in out)]
+            if not free:
+                break
+            out.append(free[int(rng.integers(len(free)))])
+        if len(out) == k:
+            return out
+
+
+def image(pair: Sequence[str], rng: np.random.Generator, dots: Tuple[int, int] = (1, 0)) -> np.ndarray:
     img = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     split = IMAGE_SIZE // 2 + int(rng.integers(-4, 5))
     img[:, :split] = _shade(pair[0], rng)
     img[:, split:] = _shade(pair[1], rng)
+    left = _place(rng, dots[0], range(0, split - DOT + 1, 2), [])  # wholly on their side
+    right = _place(rng, dots[1], range(split + split % 2, IMAGE_SIZE - DOT + 1, 2), left)
+    for x, y in left + right:
+        img[y:y + DOT, x:x + DOT] = _CHECKER
     return np.clip(img + rng.normal(0, PIXEL_NOISE, img.shape), 0, 255).astype(np.uint8)
 
 
-def audio(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+def audio(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[int, int]] = None) -> np.ndarray:
     n = SAMPLE_RATE // 2
     t = np.arange(n) / SAMPLE_RATE
     parts = [rng.uniform(0.2, 0.6) * np.sin(2 * np.pi * PITCH[c] * (1 + rng.normal(0, PITCH_JITTER)) * t
@@ -82,7 +116,7 @@ def audio(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     return wave.astype(np.float32)
 
 
-def video(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+def video(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[int, int]] = None) -> np.ndarray:
     frames = np.zeros((FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     x, y, dx = rng.integers(2, 20), rng.integers(2, 20), rng.choice([-2, 2])
     shades = [_shade(c, rng) for c in pair]
@@ -93,7 +127,7 @@ def video(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     return np.clip(frames + rng.normal(0, PIXEL_NOISE, frames.shape), 0, 255).astype(np.uint8)
 
 
-def point_cloud(pair: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+def point_cloud(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[int, int]] = None) -> np.ndarray:
     sizes = (FIRST_POINTS, POINTS - FIRST_POINTS)
     pts = np.concatenate([CORNER[c] + rng.normal(0, POINT_NOISE, (k, 3)) for c, k in zip(pair, sizes)])
     return pts[rng.permutation(POINTS)].astype(np.float32)  # order carries nothing: size tells the first
@@ -105,6 +139,12 @@ RENDER = {"image": image, "audio": audio, "video": video, "point_cloud": point_c
 def pair(rng: random.Random) -> Tuple[str, str]:
     a, b = rng.sample(CONCEPTS, 2)
     return a, b
+
+
+def dots(rng: random.Random) -> Tuple[int, int]:
+    """(dots on the image's left, on its right): 1..MAX_DOTS in all, never as many on each side."""
+    n = rng.randint(1, MAX_DOTS)
+    return rng.choice([(k, n - k) for k in range(n + 1) if 2 * k != n])
 
 
 def choices_with(answer: str, distractors: Sequence[str], rng: random.Random) -> Tuple[List[str], str]:
@@ -121,22 +161,25 @@ def _absent(p: Sequence[str], k: int, rng: random.Random) -> List[str]:
     return rng.sample([c for c in CONCEPTS if c not in p], k)
 
 
-def single_question(rng: random.Random, kind: Optional[str] = None, p: Optional[Tuple[str, str]] = None) -> dict:
-    """One input and one of its questions: `appears` (one of its two concepts among three absent ones),
-    `first` (its first concept; the second is a distractor: colour and position at once) or `last`
-    (the forgetting task: its second concept; the first is a distractor)."""
+def single_question(rng: random.Random, kind: Optional[str] = None, p: Optional[Tuple[str, str]] = None,
+                    d: Optional[Tuple[int, int]] = None, kinds: Sequence[str] = ("appears", "first")) -> dict:
+    """One input and one of its questions (`kind`, else one of `kinds`): `appears` (one of its two
+    concepts among three absent ones), `first` (its first concept; the second is a distractor: colour
+    and position at once) or `more` (the forgetting task: the concept of the image's side with more
+    dots; the other is a distractor: colour, position and count at once)."""
     p = p or pair(rng)
-    kind = kind or rng.choice(("appears", "first"))
+    kind = kind or rng.choice(tuple(kinds))
+    d = d or (dots(rng) if kind == "more" else None)  # drawn only where the question needs them
     if kind == "appears":
         answer, distract = rng.choice(p), _absent(p, 3, rng)
     else:
-        answer = p[0] if kind == "first" else p[1]
-        distract = [p[1] if kind == "first" else p[0]] + _absent(p, 2, rng)
+        i = 0 if kind == "first" or (kind == "more" and d[0] > d[1]) else 1
+        answer, distract = p[i], [p[1 - i]] + _absent(p, 2, rng)
     opts, letter = choices_with(answer, distract, rng)
-    return {"pairs": [p], "choices": opts, "answer": letter, "question": QUESTION[kind]}
+    return {"pairs": [p], "dots": [d], "choices": opts, "answer": letter, "question": QUESTION[kind]}
 
 
-QUESTION = {"appears": APPEARS_Q, "first": FIRST_Q, "last": LAST_Q}
+QUESTION = {"appears": APPEARS_Q, "first": FIRST_Q, "more": MORE_Q}
 
 
 def common_question(n: int, rng: random.Random) -> dict:
@@ -147,7 +190,7 @@ def common_question(n: int, rng: random.Random) -> dict:
     absent = [c for c in CONCEPTS if c != common and c not in others]
     distract = (others + rng.sample(absent, 3))[:3]
     opts, letter = choices_with(common, distract, rng)
-    return {"pairs": pairs, "choices": opts, "answer": letter, "question": COMMON_Q}
+    return {"pairs": pairs, "dots": [None] * n, "choices": opts, "answer": letter, "question": COMMON_Q}
 
 
 def answer_word(q: dict) -> str:
@@ -174,7 +217,8 @@ def describe(slots: Sequence[str], p: Sequence[str]) -> Tuple[str, str]:
 
 
 def text_example(rng: random.Random) -> Tuple[str, str]:
-    """Base LM pretraining: the questions over text descriptions (n = 1..4 inputs), or a description copy."""
+    """Base LM pretraining: the questions over text descriptions (n = 1..4 inputs), or a description
+    copy. Not the forgetting experiment's `more` task."""
     kind = rng.random()
     if kind < 0.15:
         p = pair(rng)
@@ -183,19 +227,22 @@ def text_example(rng: random.Random) -> Tuple[str, str]:
     return example([" ".join(p) for p in q["pairs"]], q, rng)
 
 
-def render_many(modality: str, pairs: Sequence[Sequence[str]], seed: int) -> List[np.ndarray]:
+def render_many(modality: str, pairs: Sequence[Sequence[str]], seed: int,
+                counts: Optional[Sequence[Tuple[int, int]]] = None) -> List[np.ndarray]:
+    """Each pair rendered in `modality` (an image with its dots: `counts`)."""
     rng = np.random.default_rng(seed)
-    return [RENDER[modality](p, rng) for p in pairs]
+    return [RENDER[modality](p, rng, d) for p, d in zip(pairs, counts or [None] * len(pairs))]
 
 
 def benchmark_items(seed: int, per_subset: int) -> List[dict]:
-    """Benchmark questions (no media yet): each modality's own task, then common-2/3/4 over random
-    distinct modalities. Each entry: subset, question text with placeholders, modalities, pairs, choices, answer."""
+    """Benchmark questions (no media yet): each modality's own task (KINDS), then common-2/3/4 over
+    random distinct modalities. Each entry: subset, question text with placeholders, modalities,
+    pairs, dots (None where no question needs them: write_benchmark draws an image's), choices, answer."""
     rng = random.Random(seed)
     items: List[dict] = []
     for m in MODALITIES:
         for _ in range(per_subset):
-            q = single_question(rng)
+            q = single_question(rng, kinds=KINDS[m])
             items.append({"subset": m, "modalities": [m], **q})
     for n in (2, 3, 4):
         for _ in range(per_subset):
@@ -205,8 +252,10 @@ def benchmark_items(seed: int, per_subset: int) -> List[dict]:
 
 
 def forgetting_items(seed: int, per_subset: int) -> List[dict]:
-    """The forgetting benchmark: FORGET_SOURCE's own task (`appears` or `first`, as in
-    benchmark_items) as OLD_TASK, and the fine-tune's `last` task on NEW's media as NEW_TASK."""
+    """The forgetting benchmark: FORGET_SOURCE's own task (KINDS, as in benchmark_items) as OLD_TASK,
+    and the fine-tune's `more` task on NEW's media as NEW_TASK."""
     rng = random.Random(seed)
-    return ([{"subset": OLD_TASK, "modalities": [FORGET_SOURCE], **single_question(rng)} for _ in range(per_subset)]
-            + [{"subset": NEW_TASK, "modalities": [NEW], **single_question(rng, "last")} for _ in range(per_subset)])
+    return ([{"subset": OLD_TASK, "modalities": [FORGET_SOURCE], **single_question(rng, kinds=KINDS[FORGET_SOURCE])}
+             for _ in range(per_subset)]
+            + [{"subset": NEW_TASK, "modalities": [NEW], **single_question(rng, kinds=KINDS[NEW])}
+               for _ in range(per_subset)])

@@ -104,6 +104,71 @@ TEMPLATE = "{question}\n{choices}\nanswer :"
 ASK = dict(template=TEMPLATE, answer_with="choice", progress=False)
 
 
+def evaluate_cached(zoo: str, model: str, benchmark: str, **options) -> "EvalResult":
+    """`evaluation.evaluate(model, benchmark, **ASK, **options)`, its result kept in the zoo beside the
+    composites (`composites-<code_hash>/evaluations/<key>.json`) and read back by later runs. The key
+    is the content of every file of `model` (a composite, an export or a source checkpoint), of the
+    benchmark's question file and every media file it names, the package's code (`code_hash`, the
+    evaluator's included) and the options: a change to any of them asks the model again."""
+    from mergekit_multimodal.evaluation import EvalResult, evaluate
+
+    options = {**ASK, **options}
+    key = hashlib.sha256(json.dumps({"model": _tree_hash(model), "benchmark": _benchmark_hash(benchmark),
+                                     "code": code_hash(), "options": options}, sort_keys=True).encode()).hexdigest()
+    path = os.path.join(zoo, f"composites-{code_hash()}", "evaluations", f"{key[:20]}.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return EvalResult.from_dict(json.load(f))
+    result = evaluate(model, benchmark, **options)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result.to_dict(predictions=True), f)
+    os.replace(path + ".tmp", path)  # whole or absent: an interrupted run leaves no half result
+    return result
+
+
+def _file_hashes(h, root: str, paths) -> None:
+    for p in paths:
+        h.update(os.path.relpath(p, root).encode() + b"\0")
+        with open(p, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+
+
+def _tree_hash(directory: str) -> str:
+    """sha256 over every file under `directory` (relative names and contents)."""
+    h = hashlib.sha256()
+    _file_hashes(h, directory, sorted(os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs))
+    return h.hexdigest()
+
+
+_BENCH_FILES: Dict[tuple, List[str]] = {}
+_BENCH_HASHES: Dict[tuple, str] = {}
+
+
+def _stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return path, st.st_size, st.st_mtime_ns
+
+
+def _benchmark_hash(benchmark: str) -> str:
+    """sha256 over a benchmark's question file and every media file its questions name (not the
+    other files beside it); read once per process while none of those files changes (size, mtime)."""
+    from mergekit_multimodal.evaluation import load_benchmark
+    from mergekit_multimodal.evaluation.benchmark import _benchmark_file
+
+    questions = _benchmark_file(os.fspath(benchmark))
+    if _stamp(questions) not in _BENCH_FILES:  # the media its questions name
+        _BENCH_FILES[_stamp(questions)] = [questions] + sorted(
+            {p for q in load_benchmark(questions) for items in q.media.values() for p in items})
+    files = _BENCH_FILES[_stamp(questions)]
+    stamp = tuple(map(_stamp, files))
+    if stamp not in _BENCH_HASHES:
+        h = hashlib.sha256()
+        _file_hashes(h, os.path.dirname(questions), files)
+        _BENCH_HASHES[stamp] = h.hexdigest()
+    return _BENCH_HASHES[stamp]
+
+
 def run_story(out_dir: str, spec: ZooSpec = ZooSpec(), cache: Optional[str] = None, echo=click.echo,
               rows_wanted: Optional[List[str]] = None, seeds: int = 1) -> dict:
     """Everything the README's main command does, for `seeds` zoos (seeds spec.seed, spec.seed + 1,
@@ -179,14 +244,12 @@ def _evaluate_seed(zoo: str, bench: str, rows_wanted: Optional[List[str]], label
     shuffled-media control. Returns per-question correctness per row, results, composite paths."""
     from tqdm.auto import tqdm
 
-    from mergekit_multimodal.evaluation import evaluate
-
     correct: Dict[str, Dict[str, List[int]]] = {"sources": {}}
     results: Dict[str, dict] = {}
     plotted: Dict[str, "EvalResult"] = {}
     for m in tqdm(data.MODALITIES, desc=f"{label} 2/3 evaluate each source alone"):
-        r = evaluate(os.path.join(zoo, m), bench, modality=m, subsets=[m],
-                     cache_dir=os.path.join(zoo, f"sources-{code_hash()}"), name=f"source {m}", **ASK)
+        r = evaluate_cached(zoo, os.path.join(zoo, m), bench, modality=m, subsets=[m],
+                            cache_dir=os.path.join(zoo, f"sources-{code_hash()}"), name=f"source {m}")
         results[f"source {m}"] = r.to_dict(predictions=True)
         correct["sources"].update(_correct(r))
     rows = [r for r in COMPOSITES if rows_wanted is None or r[0] in rows_wanted]
@@ -199,7 +262,7 @@ def _evaluate_seed(zoo: str, bench: str, rows_wanted: Optional[List[str]], label
             results[f"{method} sources"] = {}
             for m in data.MODALITIES:
                 path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, [m]))
-                r = evaluate(path, bench, subsets=[m], route=route, name=f"{name} source {m}", **ASK)
+                r = evaluate_cached(zoo, path, bench, subsets=[m], route=route, name=f"{name} source {m}")
                 correct[f"{method} sources"].update(_correct(r))
                 asked[(path, route, bench)] = _correct(r)
                 results[f"{method} sources"][m] = r.to_dict(predictions=True)
@@ -208,13 +271,14 @@ def _evaluate_seed(zoo: str, bench: str, rows_wanted: Optional[List[str]], label
             cfg = tuned_config(zoo, cfg)
         path = compose_cached(zoo, cfg)
         paths[name] = (path, route)
-        plotted[name] = _record(name, evaluate(path, bench, route=route, name=name, **ASK), correct, results, path)
+        plotted[name] = _record(name, evaluate_cached(zoo, path, bench, route=route, name=name), correct, results,
+                                path)
         asked[(path, route, bench)] = correct[name]
     if CONTROL in paths:  # the same composite and questions, each question shown another question's media
         path, route = paths[CONTROL]
         name = f"{CONTROL}, media shuffled"
-        plotted[name] = _record(name, evaluate(path, shuffled_media_benchmark(bench), route=route, name=name, **ASK),
-                                correct, results, path)
+        plotted[name] = _record(name, evaluate_cached(zoo, path, shuffled_media_benchmark(bench), route=route,
+                                                      name=name), correct, results, path)
     t0 = time.time()
     section = [r for r in rows if r[0] in SECTION_ROWS]
     paths.update(_evaluate_forgetting(zoo, section, correct, results))
@@ -234,23 +298,21 @@ def _record(name: str, r: "EvalResult", correct: dict, results: dict, path: Opti
 
 
 def _evaluate_forgetting(zoo: str, rows: list, correct: dict, results: dict) -> Dict[str, tuple]:
-    """FORGETTING: the original source (data.FORGET_SOURCE), its fine-tune on the `last` task
+    """FORGETTING: the original source (data.FORGET_SOURCE), its fine-tune on the `more` task
     (data.NEW) and each method's composite of the two (task routes `image` and `image_new`; MMER's
     single-input questions on their own route), on bench-forget/'s old task (the original's, its
     media given as `image`) and new task (media given as `image_new`). Returns the composites' paths."""
-    from mergekit_multimodal.evaluation import evaluate
-
     bench = os.path.join(zoo, "bench-forget")
     for label, m in (("source", data.FORGET_SOURCE), ("fine-tune", data.NEW)):  # alone: named NEW, any task
         name = f"{FORGETTING} {label} {m}"
-        _record(name, evaluate(os.path.join(zoo, m), bench, modality=data.NEW, name=name,
-                               cache_dir=os.path.join(zoo, f"sources-{code_hash()}"), **ASK), correct, results)
+        _record(name, evaluate_cached(zoo, os.path.join(zoo, m), bench, modality=data.NEW, name=name,
+                                      cache_dir=os.path.join(zoo, f"sources-{code_hash()}")), correct, results)
     paths = {}
     for row, method, params, per_source, route, suffix in rows:
         name = f"{FORGETTING} {row}"
         path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, FORGET_PAIR))
         paths[name] = (path, route)
-        _record(name, evaluate(path, bench, route=route, name=name, **ASK), correct, results, path)
+        _record(name, evaluate_cached(zoo, path, bench, route=route, name=name), correct, results, path)
     return paths
 
 
@@ -269,8 +331,6 @@ def _evaluate_curve(zoo: str, rows: list, correct: dict, asked: Dict[tuple, Dict
     (the sources alone, each on its own task; DAMC's: the decoupled sources alone). A composite the
     story already asked the same questions (`asked`: k = 4, the main rows; DAMC's k = 1, its decoupled
     image source) is not asked again."""
-    from mergekit_multimodal.evaluation import evaluate
-
     new = f"{FORGETTING} fine-tune {data.NEW}"
     if "sources" in correct and new in correct:
         correct[f"{CURVE} sources"] = {**correct["sources"], data.NEW_TASK: correct[new][data.NEW_TASK]}
@@ -278,8 +338,9 @@ def _evaluate_curve(zoo: str, rows: list, correct: dict, asked: Dict[tuple, Dict
         ref = f"{CURVE} {_reference(row)}"
         if ref not in correct:  # the decoupled sources: each alone, a one-source composite
             correct[ref] = dict(correct[_reference(row)])
-            r = evaluate(compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, [data.NEW])),
-                         os.path.join(zoo, "bench-forget"), subsets=[data.NEW_TASK], route=route, **ASK)
+            r = evaluate_cached(zoo, compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix,
+                                                                         [data.NEW])),
+                                os.path.join(zoo, "bench-forget"), subsets=[data.NEW_TASK], route=route)
             correct[ref].update(_correct(r))
         for k in range(1, len(CURVE_ORDER) + 1):
             path = compose_cached(zoo, composite_config(zoo, method, params, per_source, suffix, CURVE_ORDER[:k]))
@@ -287,7 +348,7 @@ def _evaluate_curve(zoo: str, rows: list, correct: dict, asked: Dict[tuple, Dict
             for bench, subsets in _own_tasks(zoo, CURVE_ORDER[:k]).items():
                 done = asked.get((path, route, bench), {})
                 if not all(s in done for s in subsets):
-                    done = _correct(evaluate(path, bench, subsets=subsets, route=route, **ASK))
+                    done = _correct(evaluate_cached(zoo, path, bench, subsets=subsets, route=route))
                 correct[f"{CURVE} {row} {k}"].update({s: done[s] for s in subsets})
 
 
@@ -297,7 +358,6 @@ def _evaluate_exports(zoo: str, bench: str, composite: str, correct: dict, resul
     as a source is, on its own task. Returns the refused routes with the reason (the point-cloud
     family has no transformers class: refused by design)."""
     from mergekit_multimodal.errors import CompositionError
-    from mergekit_multimodal.evaluation import evaluate
     from mergekit_multimodal.export import export
 
     root = composite + "-exports"
@@ -312,8 +372,8 @@ def _evaluate_exports(zoo: str, bench: str, composite: str, correct: dict, resul
             except CompositionError as e:
                 refused[m] = str(e)
                 continue
-        r = evaluate(out, bench, modality=m, subsets=[m], cache_dir=os.path.join(zoo, f"sources-{code_hash()}"),
-                     name=f"{EXPORT} {m}", **ASK)
+        r = evaluate_cached(zoo, out, bench, modality=m, subsets=[m],
+                            cache_dir=os.path.join(zoo, f"sources-{code_hash()}"), name=f"{EXPORT} {m}")
         correct[EXPORT].update(_correct(r))
         results[EXPORT][m] = {**r.to_dict(predictions=True), "checkpoint": out}
     return refused
@@ -455,7 +515,7 @@ def _sections(out_dir: str, spec: ZooSpec, runs: List[dict], table: dict, interv
     forget = [r for r in table if r.startswith(FORGETTING)]
     if forget:
         cols = [data.OLD_TASK, data.NEW_TASK]
-        echo(f"\nForgetting: the {data.FORGET_SOURCE} source fine-tuned on a new task ('{data.LAST_Q.split(' : ')[1]}', "
+        echo(f"\nForgetting: the {data.FORGET_SOURCE} source fine-tuned on a new task ('{data.MORE_Q.split(' : ')[1]}', "
              f"{spec.forget_steps} steps, every weight), then composed with its original as two task routes "
              f"({data.FORGET_SOURCE}, {data.NEW}); accuracy % on bench-forget/ ({data.OLD_TASK}: the original's task)")
         echo(format_story_table({r[len(FORGETTING) + 1:]: {c: cell(r, c) for c in cols} for r in forget}, cols))

@@ -46,7 +46,7 @@ class ZooSpec:
     damc_steps: int = 400  # decoupled LoRA training per DAMC source (one sequence a step)
     damc_rank: int = 8
     damc_lr: float = 1e-3
-    forget_steps: int = 150  # the forgetting fine-tune (data.NEW): every weight, the `last` task only
+    forget_steps: int = 150  # the forgetting fine-tune (data.NEW): every weight, the `more` task only
     forget_lr: float = 1e-3
 
 
@@ -206,7 +206,7 @@ def train_source(modality: str, spec: ZooSpec, base_dir: str, out_dir: str, offs
 def train_finetune(spec: ZooSpec, source_dir: str, out_dir: str, progress: Optional[Callable[[int], None]] = None,
                    modality: str = data.FORGET_SOURCE) -> None:
     """The forgetting experiment's source (data.NEW): `modality`'s trained source fine-tuned, every
-    weight, on the `last` task only (`forget_steps` at `forget_lr`), long enough to forget its own."""
+    weight, on the `more` task only (`forget_steps` at `forget_lr`), long enough to forget its own."""
     seed = spec.seed * 100 + 90
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -214,7 +214,7 @@ def train_finetune(spec: ZooSpec, source_dir: str, out_dir: str, progress: Optio
     tok = build_tokenizer([placeholder])
     model = getattr(transformers, SOURCES[modality][0]).from_pretrained(source_dir)
     _train_phases(model, modality, spec, tok, placeholder, rng, seed,
-                  [(spec.forget_steps, spec.forget_lr, list(model.parameters()), [])], progress, kinds=("last",))
+                  [(spec.forget_steps, spec.forget_lr, list(model.parameters()), [])], progress, kinds=data.KINDS[data.NEW])
     _save(model, tok, modality, out_dir)
 
 
@@ -227,13 +227,16 @@ def _save(model, tok, modality: str, out_dir: str) -> None:
 
 
 def _train_phases(model, modality: str, spec: ZooSpec, tok, placeholder: str, rng: random.Random, seed: int,
-                  phases, progress, kinds: Sequence[str] = ("appears", "first")) -> None:
-    """Train `model` on `spec.train_items` rendered inputs of its modality, questions of `kinds`; each
+                  phases, progress, kinds: Optional[Sequence[str]] = None) -> None:
+    """Train `model` on `spec.train_items` rendered inputs of its modality, questions of `kinds`
+    (default: the modality's own, data.KINDS); each
     phase: (steps, peak lr, trained parameters, parameters frozen from this phase on). A parameter is
     thawed only if an earlier phase froze it: those the model keeps frozen (the Whisper-style
     encoder's positions) stay frozen."""
+    kinds = kinds or data.KINDS[modality]
     pairs = [data.pair(rng) for _ in range(spec.train_items)]
-    media = _media_tensors(modality, data.render_many(modality, pairs, seed))
+    counts = [data.dots(rng) if modality == "image" else None for _ in pairs]  # only images have dots
+    media = _media_tensors(modality, data.render_many(modality, pairs, seed, counts))
     decoder, head, emb_fn = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
     model.train()
     thawable = set()
@@ -250,7 +253,7 @@ def _train_phases(model, modality: str, spec: ZooSpec, tok, placeholder: str, rn
             feats = _features(modality, model, _index(media, idx))
             rows, labels = [], []
             for i, f in zip(idx, feats):
-                p, a = _example_for(pairs[i], placeholder, rng, kinds)
+                p, a = _example_for(pairs[i], counts[i], placeholder, rng, kinds)
                 before, after = p.split(placeholder)
                 bi, ai, ans = tok(before)["input_ids"], tok(after)["input_ids"], answer_ids(tok, a)
                 rows.append(torch.cat([emb_fn(torch.tensor(bi)), f, emb_fn(torch.tensor(ai + ans))]))
@@ -267,20 +270,20 @@ def answer_ids(tok, answer: str) -> List[int]:
     return tok(answer)["input_ids"] + [tok.eos_token_id]
 
 
-def _example_for(p: Tuple[str, str], placeholder: str, rng: random.Random,
-                 kinds: Sequence[str] = ("appears", "first")) -> Tuple[str, str]:
-    """A training question about a rendered input whose concepts are p: describe it (not in the
-    forgetting fine-tune's `last` task), or a question of one of `kinds`, with choices or free-form."""
-    if "last" not in kinds and rng.random() < 0.3:
+def _example_for(p: Tuple[str, str], d: Tuple[int, int], placeholder: str, rng: random.Random,
+                 kinds: Sequence[str]) -> Tuple[str, str]:
+    """A training question about a rendered input whose concepts are p and dots d: describe it (not
+    in the forgetting fine-tune's `more` task), or a question of one of `kinds`, with choices or free-form."""
+    if "more" not in kinds and rng.random() < 0.3:
         return data.describe([placeholder], p)
-    return data.example([placeholder], data.single_question(rng, rng.choice(kinds), p), rng)
+    return data.example([placeholder], data.single_question(rng, rng.choice(kinds), p, d), rng)
 
 
 def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: str, out_dir: str, offset: int,
                       progress: Optional[Callable[[int], None]] = None) -> None:
     """A DAMC-decoupled source (docs/damc.md, form 1): text and modality LoRA adapters trained on the
     frozen base LM with `damc_train.train_decoupled`, on the same own-modality examples as the plain
-    source (data.NEW's: the `last` task only), with that source's trained encoder + connector frozen
+    source (data.NEW's: the `more` task only), with that source's trained encoder + connector frozen
     as the feature extractor."""
     from mergekit_multimodal.methods.damc.train import save_decoupled, train_decoupled
 
@@ -288,7 +291,7 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
     torch.manual_seed(seed)
     rng = random.Random(seed)
     name, modality = modality, data.kind(modality)
-    kinds = ("last",) if name == data.NEW else ("appears", "first")
+    kinds = data.KINDS[name]
     placeholder = SOURCES[modality][3]
     tok = build_tokenizer([placeholder])
     if modality == "point_cloud":
@@ -298,14 +301,15 @@ def train_damc_source(modality: str, spec: ZooSpec, base_dir: str, source_dir: s
     source.eval()
     n = min(spec.train_items, spec.damc_steps)
     pairs = [data.pair(rng) for _ in range(n)]
-    media = _media_tensors(modality, data.render_many(modality, pairs, seed))
+    counts = [data.dots(rng) if modality == "image" else None for _ in pairs]
+    media = _media_tensors(modality, data.render_many(modality, pairs, seed, counts))
     with torch.no_grad():
         feats = [f for i in range(0, n, spec.batch)
                  for f in _features(modality, source, _index(media, range(i, min(n, i + spec.batch))))]
     del source
     batches = []
-    for p, f in zip(pairs, feats):
-        prompt, answer = _example_for(p, placeholder, rng, kinds)
+    for p, d, f in zip(pairs, counts, feats):
+        prompt, answer = _example_for(p, d, placeholder, rng, kinds)
         before, after = prompt.split(placeholder)
         batches.append({"prompt_ids": torch.tensor(tok(before)["input_ids"]), "features": f.detach(),
                         "after_ids": torch.tensor(tok(after)["input_ids"]),
