@@ -396,7 +396,6 @@ def _evaluate_low_rank_exports(zoo: str, bench: str, composite: str, correct: di
 
     from mergekit_multimodal.compose import output
     from mergekit_multimodal.errors import CompositionError
-    from mergekit_multimodal.evaluation import evaluate
     from mergekit_multimodal.export import REPORT, export
 
     root = composite + "-exports"
@@ -423,8 +422,8 @@ def _evaluate_low_rank_exports(zoo: str, bench: str, composite: str, correct: di
                             shutil.copy(os.path.join(base_dir, name), os.path.join(tmp, name))
 
                 output.write_aside(merged, write)
-            r = evaluate(merged, bench, modality=m, subsets=[m], cache_dir=os.path.join(zoo, f"sources-{code_hash()}"),
-                         name=f"{row} {m}", **ASK)
+            r = evaluate_cached(zoo, merged, bench, modality=m, subsets=[m],
+                                cache_dir=os.path.join(zoo, f"sources-{code_hash()}"), name=f"{row} {m}")
             correct[row].update(_correct(r))
             with open(os.path.join(pair, "lora", REPORT), encoding="utf-8") as f:
                 probe = json.load(f)["probe"]
