@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence
 from mergekit_multimodal.errors import CompositionError
 from mergekit_multimodal.families import tiny
 from mergekit_multimodal.families.base import Encoder, Family, TinySource
+from mergekit_multimodal.format.files import read_json
 from mergekit_multimodal.runtime.preprocess import _load, quiet
 
 START, END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -94,14 +95,6 @@ class ImagePreprocessor:
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CompositionError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-
-
 class VideoPreprocessor:
     """Videos -> `pixel_values_videos` + `video_grid_thw` (+ `second_per_grid_ts` for Qwen2.5-VL), by
     Qwen2VLVideoProcessor's steps without torchvision (see the module docstring)."""
@@ -112,7 +105,7 @@ class VideoPreprocessor:
         # as transformers loads a video processor: its own file, else the image processor's
         path = next((os.path.join(directory, n) for n in ("video_preprocessor_config.json", "preprocessor_config.json")
                      if os.path.isfile(os.path.join(directory, n))), None)
-        stored = _read_json(path) if path else {}
+        stored = read_json(path) if path else {}
         if stored.get("do_sample_frames") and not num_frames:
             raise CompositionError(f"{path}: do_sample_frames is set; the composite does not sample frames by fps "
                                    f"(its video readers give no fps). Pass num_frames= to CompositeProcessor")
@@ -125,7 +118,7 @@ class VideoPreprocessor:
         # one frame at a time, as an image of temporal size 1 (its patches in the video's spatial order)
         self.processor = quiet(transformers.Qwen2VLImageProcessorPil, **{**settings, "temporal_patch_size": 1})
         config = os.path.join(directory, "config.json")
-        model_type = _read_json(config).get("model_type") if os.path.isfile(config) else None
+        model_type = read_json(config).get("model_type") if os.path.isfile(config) else None
         self.seconds = model_type == "qwen2_5_vl"  # Qwen2.5-VL spaces video positions in time
 
     def __call__(self, items: Sequence) -> Dict[str, "object"]:
@@ -212,7 +205,7 @@ def load_llm(path: str, sources: Sequence[str], dtype):
     """The merged LLM at `path` as the sources' text model (mrope) + head: (model, loading info)."""
     import transformers
 
-    composite = _read_json(os.path.join(path, "config.json"))
+    composite = read_json(os.path.join(path, "config.json"))
     texts = []
     for d in sources:
         cfg = transformers.AutoConfig.from_pretrained(d)

@@ -7,14 +7,13 @@ locally BEFORE the first request, so a half-written composite never lands on the
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import List
 
 from safetensors import safe_open
 
-from mergekit_multimodal.format.files import COMPOSITE_CONFIG, MODALITIES_DIR, ROUTES_DIR
+from mergekit_multimodal.format.files import COMPOSITE_CONFIG, MODALITIES_DIR, ROUTES_DIR, read_json
 from mergekit_multimodal.errors import CompositionError
 
 
@@ -30,19 +29,6 @@ def list_upload_files(path: str) -> List[str]:
     return sorted(filter_repo_objects(out, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
 
 
-def _json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CompositionError(f"{path}: missing") from None
-    except (OSError, ValueError) as exc:
-        raise CompositionError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CompositionError(f"{path}: expected a JSON object")
-    return data
-
-
 def _keys(shard: Path) -> set:
     """The tensor names in a safetensors file; safe_open checks the header against the file size."""
     try:
@@ -54,7 +40,7 @@ def _keys(shard: Path) -> set:
 
 def _check_index(index: Path) -> None:
     """Every shard an index names exists and holds the tensors the index says it holds."""
-    weight_map = _json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CompositionError(f"{index}: no weight_map")
     by_shard: dict = {}
@@ -82,7 +68,7 @@ def _check_weights(directory: Path, basename: str, what: str) -> None:
 def _check_model_dir(directory: Path, what: str) -> None:
     if not directory.is_dir():
         raise CompositionError(f"{directory}: {what} is missing")
-    _json(directory / "config.json")
+    read_json(directory / "config.json")
     _check_weights(directory, "model", what)
 
 

@@ -15,10 +15,10 @@ from typing import Dict, Optional
 import torch
 
 from mergekit_multimodal.errors import CompositionError
+from mergekit_multimodal.format.files import read_json
 from mergekit_multimodal.methods.damc.sources import (
     _PEFT_PREFIX,
     DecoupledSource,
-    _json,
     _pair,
     _scale,
     _split_lora,
@@ -46,7 +46,7 @@ def read_modelcompose(directory: str, modality: str, name_map, adapter: Optional
     `modal`, `same`). Composed ModelCompose checkpoints (several modalities merged) are refused:
     their text adapter is already a merge, so DAMC would merge it again."""
     path = os.path.join(directory, "adapter_model.bin")
-    cfg = _json(os.path.join(directory, "config.json"))
+    cfg = read_json(os.path.join(directory, "config.json"))
     weights = safe_torch_load(path)
     extra = os.path.join(directory, "non_lora_trainables.bin")  # projector / prefix tokens, when split off
     if os.path.exists(extra):

@@ -23,7 +23,6 @@ Pickles are only opened with `torch.load(weights_only=True)` and must hold tenso
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -161,16 +160,6 @@ def _lora_config(directory: str) -> dict:
         raise CompositionError(f"{path}: not a LoRA adapter config ({type(exc).__name__}: {exc})") from None
     return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "alpha_pattern": cfg.alpha_pattern, "use_dora": cfg.use_dora,
             "use_rslora": cfg.use_rslora}
-
-
-def _json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CompositionError(f"{path}: missing") from None
-    except json.JSONDecodeError as exc:
-        raise CompositionError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _scale(cfg: dict, where: str) -> Callable[[int], float]:
