@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import click
 import torch
@@ -41,7 +41,7 @@ from mergekit_multimodal.errors import CompositionError, cli_errors
 from mergekit_multimodal.families import LLM, SplitLayout, causal_lm_class, get_family
 from mergekit_multimodal.format import files as F
 from mergekit_multimodal.format.manifest import Manifest, ModalityEntry
-from mergekit_multimodal.format.tensors import header_shapes, open_stream
+from mergekit_multimodal.format.tensors import header_shapes, iter_tensors, open_stream
 from mergekit_multimodal.methods.routes import iter_route
 
 #: transformers' default shard size for save_pretrained
@@ -236,14 +236,6 @@ def _source_vocab(path: str, manifest: Manifest, m: str, entry: ModalityEntry, p
     return _Vocab(rows, index, remapped, borrowed)
 
 
-def _merged_llm(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """The merged LLM (the composite's root: the text route), tensor by tensor."""
-    merged = open_stream(path, "model")
-    for name in merged.index.tensor_paths:
-        yield name, merged.get_tensor(name)
-    merged.flush()
-
-
 def _write_checkpoint(path: str, manifest: Manifest, m: str, entry: ModalityEntry, plan: _CheckpointPlan,
                       out: str, shard_size: int, merged: bool = False) -> None:
     """Route m's checkpoint; `merged`: the same class holding the merged LLM (an adapter's base)."""
@@ -251,7 +243,8 @@ def _write_checkpoint(path: str, manifest: Manifest, m: str, entry: ModalityEntr
     dtypes = {e.name: e.dtype for e in plan.entries}
     writer = PlannedShardWriter(out, plan.entries, shard_size)
     try:
-        for name, w in (_merged_llm(path) if merged else iter_route(path, m)):
+        merged_llm = ((name, w) for _, name, w in iter_tensors(path, "model"))  # the text route
+        for name, w in (merged_llm if merged else iter_route(path, m)):
             output.check_signals()
             if name in plan.llm_names:
                 key = plan.llm_names[name]
