@@ -105,7 +105,7 @@ def test_results_files_are_written(story):
 
 def test_the_fine_tune_forgets_its_sources_task(story):
     """The forgetting section: the image source fine-tuned on `more` only learns the new task beyond
-    the interval and loses part of its own task. At 40 questions a subset the interval cannot resolve
+    the interval and loses part of its own task, and the MMER composite of the two recovers part of it. At 40 questions a subset the interval cannot resolve
     this task's drop (100 questions, seed 0: 22 points [12, 33]; the quick zoo: 15 [-2, 30]), so the
     drop is asserted on its estimate; the README's three-seed run states it with its interval. Every
     row is scored on both tasks."""
@@ -118,6 +118,8 @@ def test_the_fine_tune_forgets_its_sources_task(story):
     assert learnt[1] > 0, learnt  # the new task: beyond the interval
     claims = {c["claim"]: c for c in story[1]["claims"]}
     assert claims["forgetting: source image - its fine-tune on old-task > 0"]["value"][0] > 0, claims
+    # MMER's claim: its composite of the two mitigates the forgetting (old task above the fine-tune's)
+    assert claims["forgetting: mmer - the fine-tune on old-task > 0"]["value"][0] > 0, claims
     rows = story[1]["forgetting"]
     assert set(rows) == {"source image", "fine-tune image_new", *ROWS}, rows
     assert all(set(v) == {"old-task", "new-task"} for v in rows.values()), rows
