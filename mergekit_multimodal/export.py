@@ -344,7 +344,9 @@ def _lora_plan(path: str, manifest: Manifest, m: str, rank: Optional[int]) -> Di
     method = get_method(manifest.merge_method)
     for name in sorted(header_shapes(path, "model")):  # sorted: the headers' order is a set's
         module = modules.get(name.rsplit(".", 1)[0])
-        kinds[name] = ("linear" if isinstance(module, torch.nn.Linear) and name.endswith(".weight") else
+        linear = isinstance(module, torch.nn.Linear)
+        kinds[name] = ("linear" if linear and name.endswith(".weight") else
+                       "bias" if linear and name.endswith(".bias") else  # Qwen2's q/k/v_proj
                        "embedding" if isinstance(module, torch.nn.Embedding) else "other")
     if rank is None:
         from mergekit_multimodal.methods.damc.runtime import LowRankDelta  # the only exact low-rank route
@@ -353,7 +355,7 @@ def _lora_plan(path: str, manifest: Manifest, m: str, rank: Optional[int]) -> Di
             d = method.read_deltas(path, manifest, list(manifest.modalities), torch.float32, only=(name,)).get(name)
             if d is None:
                 continue
-            if kinds[name] != "other" and not (isinstance(d, LowRankDelta) and kinds[name] == "linear"):
+            if kinds[name] not in ("other", "bias") and not (isinstance(d, LowRankDelta) and kinds[name] == "linear"):
                 raise CompositionError(
                     f"{path}: route {m!r} of this {manifest.merge_method} composite is not low-rank (tensor {name!r}); "
                     "a LoRA adapter can only approximate it: pass --rank R to choose the rank (the error per tensor and "
@@ -397,7 +399,7 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
     method = get_method(manifest.merge_method)
     route = manifest.route_ids()[m]
     shapes = header_shapes(path, "model")
-    factors, errors, whole = {}, {}, {}
+    factors, errors, whole, biases = {}, {}, {}, {}
     merged = open_stream(path, "model")
     for name, kind in kinds.items():  # one tensor's delta at a time; the factors are low-rank
         output.check_signals()
@@ -408,6 +410,9 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         if kind == "other":  # a norm: LoRA has no form for it; PEFT keeps the route's whole weight (modules_to_save)
             whole[name] = delta.apply(merged.get_tensor(name).float(), route).to(dtype)
             continue
+        if kind == "bias":  # a LoRA layer's bias: PEFT keeps the route's whole bias on it (bias="lora_only")
+            biases[name] = delta.apply(merged.get_tensor(name).float(), route).to(dtype)
+            continue
         a, b, err = _factors(delta, route, kind, rank)
         if layout is not None and kind == "embedding":  # delta^T = B A: A's columns are the vocabulary's rows
             a = layout.vocab.gather(a.T).T
@@ -416,6 +421,12 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         factors[name] = (kind, a.to(dtype), b.to(dtype))
         errors[name] = err
     merged.flush()
+    for name in biases:  # a bias whose weight the route leaves as it is: zero factors make its layer a LoRA layer
+        weight = name[:-len("bias")] + "weight"
+        if weight not in factors:
+            (rows, cols), dtype = shapes[weight][0], _st_dtype(shapes[weight][1])
+            factors[weight] = ("linear", torch.zeros(1, cols, dtype=dtype), torch.zeros(rows, 1, dtype=dtype))
+            errors[weight] = 0.0
     module_of = ((lambda n: layout.llm_names[n].rsplit(".", 1)[0]) if layout is not None else
                  (lambda n: n.rsplit(".", 1)[0]))
     r = max((a.shape[0] for _, a, _ in factors.values()), default=1)
@@ -434,13 +445,15 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
     for name, w in whole.items():
         tensors[f"base_model.model.{module_of(name)}.weight"] = w.contiguous()
+    for name, w in biases.items():  # where PEFT's bias="lora_only" saves a LoRA layer's bias
+        tensors[f"base_model.model.{module_of(name)}.base_layer.bias"] = w.contiguous()
     if not tensors:
         raise CompositionError(f"{path}: route {m!r} equals the merged LLM on every tensor a LoRA adapter can hold; "
                                "there is nothing to export")
     from safetensors.torch import save_file  # the adapter is low-rank: one file, as PEFT writes it
 
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
-    LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), lora_dropout=0.0, bias="none",
+    LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), lora_dropout=0.0, bias="lora_only" if biases else "none",
                modules_to_save=sorted(module_of(n) for n in whole) or None,
                task_type="CAUSAL_LM" if layout is None else None,
                # a tied head is the embedding: PEFT ties the head's adapter to the embedding's
@@ -453,7 +466,7 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         _copy(os.path.join(path, entry.path), out, TOKENIZER_FILES)
     exact = rank is None
     report = {"composite": path, "route": m, "merge_method": manifest.merge_method, "rank": r, "exact": exact,
-              "relative_error": errors, "whole_weights": sorted(whole)}
+              "relative_error": errors, "whole_weights": sorted(whole) + sorted(biases)}
     if not exact:
         report["probe"] = _probe_error(path, m, out, layout, os.path.join(os.path.dirname(out), "base"))
     with open(os.path.join(out, REPORT), "w", encoding="utf-8") as f:
@@ -465,7 +478,7 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
     if layout is None:
         _write_card(out, manifest, m, entry, "PEFT LoRA adapter (over the composite's merged LLM)",
                     "Token ids are the composite's (its tokenizer is included).\n",
-                    extra=f"\n{note} Base model: the composite directory's merged LLM (`AutoModelForCausalLM`). "
+                    extra=f"\n{note} Base model: the composite directory's merged LLM ({_base_class(path)}). "
                           "The adapter holds the LLM route only; the encoder and connector are the composite's "
                           f"`modalities/{m}/`.\n")
     else:
@@ -473,6 +486,15 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
                     "merged LLM, `../base`)", _vocab_text(layout.vocab, manifest, m),
                     extra=f"\n{note} Base model: `../base` (source `{m}`'s class with the merged LLM, the text route); "
                           "serve both with vLLM's `--default-mm-loras` (docs/serving.md).\n")
+
+
+def _base_class(path: str) -> str:
+    """How the card names the class that loads the composite's root (the plain adapter's base)."""
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    if type(cfg) in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING:
+        return "`AutoModelForCausalLM`"
+    return (f"`{causal_lm_class(cfg).__name__}`, from `mergekit_multimodal.families.causal_lm_class`: transformers "
+            f"has no causal-LM class for `{cfg.model_type}`")
 
 
 def _probe_error(path: str, m: str, adapter: str, layout: Optional[_CheckpointPlan] = None,

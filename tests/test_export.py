@@ -20,7 +20,7 @@ from mergekit_multimodal.export import REPORT, export, main
 from mergekit_multimodal.families import tiny_sources
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import SOURCE_KINDS, build_tiny_family
-from tests.helpers import MODALITY, composite_config, read_dir, read_json
+from tests.helpers import MODALITY, PLACEHOLDER_OVERRIDE, composite_config, read_dir, read_json
 from tests.test_damc import TARGETS, _cfg
 from tests.test_processor import FIXTURE, KIND, PLACEHOLDER, source_inputs, write_media
 
@@ -431,3 +431,102 @@ def test_tied_embeddings_adapter_adapts_the_head(tied_family, tmp_path):
     torch.testing.assert_close(_peft_logits(c, causal, IDS), _route_logits(c, "image", IDS), rtol=1e-4, atol=1e-4)
     pair = export(c, str(tmp_path / "b"), "image", lora=True, rank=10_000, base=True)
     assert read_json(os.path.join(pair, "lora", REPORT))["probe"]["relative_error"] < 1e-5
+
+
+# -- Qwen2-VL / Qwen2.5-VL: a merged LLM transformers has no causal-LM class for, biased q/k/v_proj ---
+
+def _qwen_damc_source(fam, out, modality, seed):
+    """A decoupled source trained on the Qwen base: its text model + head (the family's causal LM, as
+    the composite's merged LLM loads), the item's features random (the training helper takes any)."""
+    from mergekit_multimodal.families import causal_lm_class
+    from mergekit_multimodal.methods.damc.train import save_decoupled, train_decoupled
+
+    llm = causal_lm_class(transformers.AutoConfig.from_pretrained(fam.base)).from_pretrained(fam.base)
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"prompt_ids": torch.randint(3, V0, (4,), generator=g), "features": torch.randn(4, 16, generator=g),
+                "target_ids": torch.randint(3, V0, (5,), generator=g)}]
+    trained = train_decoupled(llm, batches, modality=modality, rank=4, alpha=8, steps=6, lr=5e-2,
+                              target_modules=TARGETS, seed=seed)
+    assert trained.losses[-1] < trained.losses[0]
+    return save_decoupled(trained, str(out))
+
+
+#: (family fixture, its stand-ins, the exported route): the second source's route where the composite
+#: names its placeholder its own way (Qwen2.5-VL's OCR fine-tune: <|image_ocr_pad|>, the source's <|image_pad|>)
+QWEN = {"qwen2_vl": ("qwen2_vl_family", ("qwen2_vl", "qwen2_vl_video"), "image"),
+        "qwen2_5_vl": ("qwen25_vl_family", ("qwen2_5_vl", "qwen2_5_vl_ocr"), "image_ocr")}
+
+
+@pytest.mark.parametrize("cls,method", [("qwen2_vl", "mmer"), ("qwen2_5_vl", "mmer"), ("qwen2_5_vl", "damc")])
+def test_qwen_route_as_lora_over_the_merged_llm_and_over_its_class(cls, method, request, tmp_path):
+    """Qwen2-VL's LLM has biased q/k/v_proj, which MMER routes too: the adapter keeps the route's biases
+    where PEFT's bias="lora_only" keeps them (`<module>.base_layer.bias`). `--lora`: the composite's root
+    as the family's causal LM (transformers has none for `qwen2*_vl_text`) with the adapter, by PEFT, is
+    route(m) on text. `--lora --base`: the source class holding the merged LLM with the adapter, by
+    transformers + PEFT on the source processor's own inputs (pixels, grids, 3-D positions), is route(m)
+    on an image prompt. MMER at full rank, DAMC exact (its prefix/suffix left out for the class, as
+    for LLaVA: the class has no place for them)."""
+    from peft import PeftModel
+
+    from mergekit_multimodal.families import causal_lm_class
+    from tests.test_qwen2_vl import CLASSES, PROMPTS
+    from tests.test_qwen2_vl import source_inputs as qwen_inputs
+
+    fixture, kinds, m = QWEN[cls]
+    fam = request.getfixturevalue(fixture)
+    if method == "mmer":
+        config, rank = composite_config(fam, "mmer", list(kinds)), 10_000
+    else:
+        models = [{"model": str(fam.sources[k]), "modality": MODALITY[k],
+                   "adapters": _qwen_damc_source(fam, tmp_path / f"src_{k}", MODALITY[k], seed)}
+                  for seed, k in enumerate(kinds, 1)]
+        models[1]["placeholder"] = PLACEHOLDER_OVERRIDE[kinds[1]]
+        config, rank = {"merge_method": "damc", "base_model": str(fam.base), "models": models}, None
+    c = compose(config, str(tmp_path / "c"))
+
+    out = export(c, str(tmp_path / "a"), m, lora=True, rank=rank)
+    adapter = read_json(os.path.join(out, "adapter_config.json"))
+    biases = {k for k in read_dir(out) if k.endswith(".base_layer.bias")}
+    if method == "mmer":  # every q/k/v_proj bias of the route, on its LoRA layer
+        assert adapter["bias"] == "lora_only" and len(biases) == 3 * 2
+    else:  # DAMC routes the weights it has factors for, no bias
+        assert adapter["bias"] == "none" and not biases
+    base = causal_lm_class(transformers.AutoConfig.from_pretrained(c)).from_pretrained(c).eval()
+    assert f"`{type(base).__name__}`, from `mergekit_multimodal.families.causal_lm_class`" in open(
+        os.path.join(out, "README.md")).read()  # the card names the class that loads its base
+    with torch.no_grad():
+        plain = base(input_ids=IDS).logits
+        got = PeftModel.from_pretrained(base, out).eval()(input_ids=IDS).logits
+    want = _route_logits(c, m, IDS)
+    assert (want - plain).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    if method == "damc":  # a source that learned no prefix/suffix: the class can hold its route
+        manifest = read_json(os.path.join(c, "composite_config.json"))
+        os.remove(os.path.join(c, manifest["modalities"][m].pop("prefix_suffix")))
+        with open(os.path.join(c, "composite_config.json"), "w") as f:
+            json.dump(manifest, f)
+    pair = export(c, str(tmp_path / "e"), m, lora=True, rank=rank, base=True)
+    assert read_json(os.path.join(pair, "lora", "adapter_config.json"))["base_model_name_or_path"] == \
+        os.path.join(pair, "base")
+    from PIL import Image
+
+    pngs = []
+    for i, size in enumerate(((40, 33, 3), (30, 50, 3))):
+        Image.fromarray(torch.randint(0, 256, size, generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+                        .numpy()).save(tmp_path / f"{i}.png")
+        pngs.append(str(tmp_path / f"{i}.png"))
+    inputs = CompositeProcessor.from_pretrained(c)(PROMPTS[0].replace("<image>", f"<{m}>"), media={m: pngs})
+    want = _route_of(c, m, inputs)
+    # the exported side: the source's class and its own processor files, as the source runs them
+    batch = qwen_inputs(os.path.join(pair, "base"), PROMPTS[:1], [Image.open(p) for p in pngs])
+    klass = CLASSES[cls]
+    assert read_json(os.path.join(pair, "base", "config.json"))["architectures"] == [klass.__name__]
+    base, info = klass.from_pretrained(os.path.join(pair, "base"), output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    with torch.no_grad():
+        plain = base.eval()(**batch).logits
+        got = PeftModel.from_pretrained(base, os.path.join(pair, "lora")).eval()(**batch).logits
+    assert got.shape[:-1] == want.shape[:-1]  # (vocabularies: the source's own, the composite's)
+    assert (plain[..., :V0] - want[..., :V0]).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)

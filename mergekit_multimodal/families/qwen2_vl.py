@@ -185,12 +185,15 @@ def causal_lm_class(model_type: str):
             self.post_init()
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                    use_cache=None, logits_to_keep=0, **kwargs):
+                    labels=None, use_cache=None, logits_to_keep=0, **kwargs):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
             hidden = out.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), cache=out.cache)
+            logits = self.lm_head(hidden[:, keep])
+            # as transformers' causal LMs: the shifted cross-entropy (what trains DAMC sources on it, damc/train.py)
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
     TextForCausalLM.__name__ = TextForCausalLM.__qualname__ = f"{text_model.__name__}ForCausalLM"
     _CLASSES[model_type] = TextForCausalLM
