@@ -143,7 +143,10 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
         source_config = json.load(f)
     config = json.loads(json.dumps(source_config))
     config["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
-    config.setdefault("text_config", {})["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
+    # else the text fields sit at the top level (Qwen2-VL's Hub configs) or are the class's defaults: a
+    # `text_config` holding only this flag would make the class build its default text model instead
     config.pop("transformers_version", None)
     try:
         cfg = cls.config_class.from_dict(config)

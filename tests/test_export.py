@@ -530,3 +530,63 @@ def test_qwen_route_as_lora_over_the_merged_llm_and_over_its_class(cls, method, 
     assert got.shape[:-1] == want.shape[:-1]  # (vocabularies: the source's own, the composite's)
     assert (plain[..., :V0] - want[..., :V0]).abs().max() > 1e-3  # the adapter matters
     torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+#: run by a plain interpreter on an exported checkpoint: transformers alone loads it (the package never
+#: imported) and computes its logits on inputs the test built from the exported files
+PLAIN_LOGITS = """
+import sys, torch, transformers
+model = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1]).eval()
+assert type(model).__name__ == sys.argv[4], type(model).__name__
+assert not [k for k in sys.modules if k.startswith("mergekit")]
+with torch.no_grad():
+    torch.save(model(**torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("cls", ["qwen2_vl", "qwen2_5_vl"])
+def test_checkpoint_of_a_source_with_a_hub_style_flat_config(cls, request, tmp_path):
+    """A Qwen source whose config.json is the Hub's flat layout (Qwen2-VL-7B-Instruct: text fields at
+    the top level, no text_config; legacy tensor keys): its route's checkpoint keeps that layout (a
+    `text_config` holding only the tying flag would make the class build its default 7B text model),
+    loads with plain transformers in a fresh interpreter, and gives route(m)'s logits on the inputs
+    the exported processor files give."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.test_qwen2_vl import CLASSES, PROMPTS, hub_style_copy
+    from tests.test_qwen2_vl import source_inputs as qwen_inputs
+
+    fixture, kinds, _ = QWEN[cls]
+    fam = request.getfixturevalue(fixture)
+    flat = hub_style_copy(fam.sources[kinds[0]], tmp_path / "flat")
+    assert "text_config" not in read_json(flat / "config.json")
+    assert transformers.AutoConfig.from_pretrained(flat).get_text_config().hidden_size == 16  # read as flat
+    assert {k.split(".")[0] for k in read_dir(flat)} == {"model", "visual", "lm_head"}  # legacy keys
+    assert any(k.startswith("model.layers.") for k in read_dir(flat))
+    other = {"model": str(fam.sources[kinds[1]]), "modality": MODALITY[kinds[1]]}
+    if kinds[1] in PLACEHOLDER_OVERRIDE:
+        other["placeholder"] = PLACEHOLDER_OVERRIDE[kinds[1]]
+    c = compose({"merge_method": "mmer", "base_model": str(fam.base),
+                 "models": [{"model": str(flat), "modality": "image"}, other]}, str(tmp_path / "c"))
+    out = export(c, str(tmp_path / "e"), "image")
+    cfg = read_json(os.path.join(out, "config.json"))
+    assert "text_config" not in cfg and cfg["hidden_size"] == 16 and cfg["vocab_size"] == read_json(
+        flat / "config.json")["vocab_size"]
+
+    pngs = []
+    for i, size in enumerate(((40, 33, 3), (30, 50, 3))):
+        Image.fromarray(torch.randint(0, 256, size, generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+                        .numpy()).save(tmp_path / f"{i}.png")
+        pngs.append(str(tmp_path / f"{i}.png"))
+    torch.save(qwen_inputs(out, PROMPTS[:1], [Image.open(p) for p in pngs]), tmp_path / "inputs.pt")
+    run = subprocess.run([sys.executable, "-c", PLAIN_LOGITS, out, str(tmp_path / "inputs.pt"),
+                          str(tmp_path / "logits.pt"), CLASSES[cls].__name__],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = torch.load(tmp_path / "logits.pt")
+    want = _route_of(c, "image", CompositeProcessor.from_pretrained(c)(PROMPTS[0], media={"image": pngs}))
+    assert got.shape[:-1] == want.shape[:-1]
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-5, atol=1e-5)

@@ -204,6 +204,15 @@ def causal_lm_class(model_type: str):
 _SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
+def _field(text, key):
+    """A text-config field as the text model reads it: a Hub config's legacy `rope_scaling: {type: mrope}`
+    leaves `type` beside the `rope_type` transformers derives from it, which the model reads instead."""
+    value = getattr(text, key, None)
+    if key == "rope_parameters" and isinstance(value, dict) and "rope_type" in value:
+        return {k: v for k, v in value.items() if k != "type"}
+    return value
+
+
 def load_llm(path: str, sources: Sequence[str], dtype):
     """The merged LLM at `path` as the sources' text model (mrope) + head: (model, loading info)."""
     import transformers
@@ -216,7 +225,7 @@ def load_llm(path: str, sources: Sequence[str], dtype):
         texts.append((d, cfg.model_type, text))
     (first, model_type, text), rest = texts[0], texts[1:]
     for d, mt, other in rest:
-        diff = [k for k in (*_SHAPE, "rope_parameters") if getattr(other, k, None) != getattr(text, k, None)]
+        diff = [k for k in (*_SHAPE, "rope_parameters") if _field(other, k) != _field(text, k)]
         if mt != model_type or diff:
             raise CompositionError(f"{d}/config.json and {first}/config.json: their language models differ "
                                    f"({', '.join(diff) or 'model_type'}); one composite runs one of them")
