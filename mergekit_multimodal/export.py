@@ -52,10 +52,11 @@ PROBE_LENGTH, PROBE_SEED = 16, 0
 
 
 def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Optional[int] = None,
-           base: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE) -> str:
+           base: bool = False, vllm: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE) -> str:
     """Write route `route` of `composite` to `out` (a checkpoint, or with `lora` a PEFT adapter; with
     `base` too, `out/base` and `out/lora`: source m's class holding the merged LLM and the adapter
-    laid out for it) and return its path; on any failure nothing is left at `out`.
+    laid out for it; with `vllm`, an adapter without what vLLM's LoRA loader refuses, the loss measured)
+    and return its path; on any failure nothing is left at `out`.
 
     >>> export("my-composite", "my-composite-image", "image")  # doctest: +SKIP
     """
@@ -68,6 +69,9 @@ def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Op
     if base and not lora:
         raise CompositionError("--base is for --lora (the checkpoint an adapter applies to); a checkpoint export "
                                "of the route needs no base")
+    if vllm and not lora:
+        raise CompositionError("--vllm is for --lora (what vLLM's LoRA loader takes); a checkpoint export needs no "
+                               "adapter")
     if rank is not None and rank < 1:
         raise CompositionError(f"--rank {rank}: must be at least 1")
     if lora:
@@ -80,9 +84,9 @@ def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Op
                 _write_checkpoint(composite, manifest, route, entry, plan, os.path.join(tmp, "base"), shard_size,
                                   merged=True)
                 _write_lora(composite, manifest, route, kinds, rank, os.path.join(tmp, "lora"), plan,
-                            os.path.join(out, "base"))
+                            os.path.join(out, "base"), vllm=vllm)
         else:
-            write = lambda tmp: _write_lora(composite, manifest, route, kinds, rank, tmp)  # noqa: E731
+            write = lambda tmp: _write_lora(composite, manifest, route, kinds, rank, tmp, vllm=vllm)  # noqa: E731
     else:
         plan = _checkpoint_plan(composite, manifest, route, entry)
         write = lambda tmp: _write_checkpoint(composite, manifest, route, entry, plan, tmp, shard_size)  # noqa: E731
@@ -390,10 +394,11 @@ def _factors(delta, route: int, kind: str, rank: Optional[int]) -> Tuple[torch.T
 
 
 def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], rank: Optional[int], out: str,
-                layout: Optional[_CheckpointPlan] = None, base_path: Optional[str] = None) -> None:
+                layout: Optional[_CheckpointPlan] = None, base_path: Optional[str] = None, vllm: bool = False) -> None:
     """The adapter over the merged LLM: as a causal LM (the composite's root, composite ids), or with
     `layout` over source m's class holding the merged LLM (`base_path`; its module names and the
-    source's vocabulary, rows gathered as the base's are)."""
+    source's vocabulary, rows gathered as the base's are). `vllm`: the route's whole weights (norms,
+    biases), which vLLM's loader refuses, left out, and the logit error that costs measured."""
     from peft import LoraConfig
 
     from mergekit_multimodal.methods import get_method
@@ -446,6 +451,9 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         else:
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    left_out = sorted(whole) + sorted(biases) if vllm else []
+    if vllm:
+        whole, biases = {}, {}
     for name, w in whole.items():
         tensors[f"base_model.model.{module_of(name)}.weight"] = w.contiguous()
     for name, w in biases.items():  # where PEFT's bias="lora_only" saves a LoRA layer's bias
@@ -467,17 +475,21 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         _copy(path, out, TOKENIZER_FILES)
     else:
         _copy(os.path.join(path, entry.path), out, TOKENIZER_FILES)
-    exact = rank is None
+    exact = rank is None and not left_out
     report = {"composite": path, "route": m, "merge_method": manifest.merge_method, "rank": r, "exact": exact,
-              "relative_error": errors, "whole_weights": sorted(whole) + sorted(biases)}
+              "relative_error": errors, "whole_weights": sorted(whole) + sorted(biases), "left_out": left_out,
+              "vllm": _vllm_view(tensors, whole, biases, manifest.llm.tie_word_embeddings)}
     if not exact:
         report["probe"] = _probe_error(path, m, out, layout, os.path.join(os.path.dirname(out), "base"))
     with open(os.path.join(out, REPORT), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     worst = max(errors.values(), default=0.0)
     note = ("Exact: route m's LLM weights are the base's merged LLM plus this adapter." if exact else
-            f"Approximate (rank {r}): largest relative error per tensor {worst:.4g}, relative logit error on a probe "
-            f"input {report['probe']['relative_error']:.4g}; per tensor in `{REPORT}`.")
+            f"Approximate (rank {r}{', without ' + str(len(left_out)) + ' whole weights vLLM refuses' if left_out else ''})"
+            f": largest relative error per tensor {worst:.4g}, relative logit error on a probe input "
+            f"{report['probe']['relative_error']:.4g}; per tensor in `{REPORT}`.")
+    note += "".join(f"\n\nvLLM would refuse this adapter: {why}" for why in report["vllm"]["rejected"])
+    note += "".join(f"\n\nvLLM: {why}" for why in report["vllm"]["notes"])
     if layout is None:
         _write_card(out, manifest, m, entry, "PEFT LoRA adapter (over the composite's merged LLM)",
                     "Token ids are the composite's (its tokenizer is included).\n",
@@ -498,6 +510,33 @@ def _base_class(path: str) -> str:
         return "`AutoModelForCausalLM`"
     return (f"`{causal_lm_class(cfg).__name__}`, from `mergekit_multimodal.families.causal_lm_class`: transformers "
             f"has no causal-LM class for `{cfg.model_type}`")
+
+
+def _vllm_view(tensors: Dict[str, torch.Tensor], whole: Dict[str, torch.Tensor], biases: Dict[str, torch.Tensor],
+               tied: bool) -> Dict[str, List[str]]:
+    """Why vLLM would refuse the written adapter (`rejected`), and what it depends on or drops (`notes`), as
+    vLLM's LoRA loader reads an adapter (docs/serving.md names its files, commits and lines): PEFTHelper
+    refuses `modules_to_save`; parse_fine_tuned_lora_name takes only `lora_A`/`lora_B` weights and
+    `lora_embedding_A`/`lora_embedding_B`, and refuses any other tensor."""
+    rejected, notes = [], []
+    if whole:
+        rejected.append(f"adapter_config.json lists modules_to_save ({len(whole)} routed norm weights kept whole, e.g. "
+                        f"`{sorted(whole)[0]}`): vLLM's PEFTHelper takes only modules_to_save = None (vllm/lora/"
+                        "peft_helper.py). `--vllm` leaves them out and reports what that costs.")
+    if biases:
+        rejected.append(f"{len(biases)} routed biases kept whole (bias=\"lora_only\", `<module>.base_layer.bias`, e.g. "
+                        f"`{sorted(biases)[0]}`): vLLM parses only lora_A/lora_B weights and lora_embedding_A/B "
+                        "(vllm/lora/utils.py parse_fine_tuned_lora_name). `--vllm` leaves them out and reports what "
+                        "that costs.")
+    if any(k.endswith(".lora_embedding_A") or ".lm_head." in k for k in tensors):
+        notes.append("the embedding / head factors load only where vLLM's language-model class lists `embed_tokens` / "
+                     "`lm_head` in its `embedding_modules` (LlamaForCausalLM, MistralForCausalLM do; Qwen2ForCausalLM, "
+                     "the language model of its Qwen2-VL, Qwen2.5-VL and Qwen2-Audio classes, does not: vLLM refuses "
+                     "the adapter there, vllm/lora/lora_model.py check_unexpected_modules).")
+    if tied and any(k.endswith(".lora_embedding_A") for k in tensors):
+        notes.append("the composite ties the head to the embedding; PEFT applies the embedding factors to the head too "
+                     "(`ensure_weight_tying`), a field vLLM's PEFTHelper does not read: vLLM gets no head factors.")
+    return {"rejected": rejected, "notes": notes}
 
 
 def _probe_error(path: str, m: str, adapter: str, layout: Optional[_CheckpointPlan] = None,
@@ -541,18 +580,25 @@ def _probe_error(path: str, m: str, adapter: str, layout: Optional[_CheckpointPl
 @click.option("--base", is_flag=True,
               help="with --lora: OUT/base (source ROUTE's class holding the merged LLM, the text route) and OUT/lora "
                    "(the adapter laid out for it), the pair vLLM's --default-mm-loras serves")
+@click.option("--vllm", is_flag=True,
+              help="with --lora: leave out what vLLM's LoRA loader refuses (whole norm weights, biases); the logit "
+                   "error that costs is measured and reported")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--debug", is_flag=True, help="show the traceback of an error")
-def main(composite, out, route, lora, rank, base, overwrite, debug):
+def main(composite, out, route, lora, rank, base, vllm, overwrite, debug):
     """Export route ROUTE of COMPOSITE to OUT: its source's own transformers checkpoint, or (--lora)
     a PEFT adapter over the merged LLM. docs/serving.md shows how to serve the result."""
     with cli_errors(1, debug):
-        path = export(composite, out, route, lora=lora, rank=rank, base=base, overwrite=overwrite)
-        if lora and rank is not None:
+        path = export(composite, out, route, lora=lora, rank=rank, base=base, vllm=vllm, overwrite=overwrite)
+        if lora:
             file = os.path.join(path, "lora" if base else "", REPORT)
             with open(file, encoding="utf-8") as f:
                 report = json.load(f)
-            worst = max(report["relative_error"].values(), default=0.0)
-            click.echo(f"rank {report['rank']}: largest relative error per tensor {worst:.4g}, probe logit relative error "
-                       f"{report['probe']['relative_error']:.4g} (per tensor: {file})")
+            if not report["exact"]:
+                worst = max(report["relative_error"].values(), default=0.0)
+                left = f", {len(report['left_out'])} whole weights left out for vLLM" if report["left_out"] else ""
+                click.echo(f"rank {report['rank']}{left}: largest relative error per tensor {worst:.4g}, probe logit "
+                           f"relative error {report['probe']['relative_error']:.4g} (per tensor: {file})")
+            for why in report["vllm"]["rejected"]:
+                click.echo(f"warning: vLLM would refuse this adapter: {why}", err=True)
         click.echo(path)

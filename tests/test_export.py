@@ -9,6 +9,7 @@ tests/test_processor.py). Every family's tiny stand-in is covered (families regi
 import inspect
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -268,6 +269,8 @@ def test_damc_route_as_exact_lora_adapter(family, sources, tmp_path):  # noqa: F
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == c
     assert {t.rsplit(".", 1)[1] for t in cfg["target_modules"]} == set(TARGETS)
     assert read_json(os.path.join(out, REPORT))["exact"] is True
+    assert read_json(os.path.join(out, REPORT))["vllm"]["rejected"] == []  # linears only: vLLM's forms
+    assert_vllm_takes(out, read_json(os.path.join(c, "config.json"))["vocab_size"])
     merged = transformers.AutoModelForCausalLM.from_pretrained(c)
     with torch.no_grad():
         plain = merged(input_ids=IDS).logits
@@ -428,6 +431,8 @@ def test_tied_embeddings_adapter_adapts_the_head(tied_family, tmp_path):
                 str(tmp_path / "c"))
     causal = export(c, str(tmp_path / "a"), "image", lora=True, rank=10_000)
     assert read_json(os.path.join(causal, "adapter_config.json"))["ensure_weight_tying"] is True
+    assert any("(`ensure_weight_tying`), a field vLLM's PEFTHelper does not read" in n
+               for n in read_json(os.path.join(causal, REPORT))["vllm"]["notes"])  # said, not silently lost
     torch.testing.assert_close(_peft_logits(c, causal, IDS), _route_logits(c, "image", IDS), rtol=1e-4, atol=1e-4)
     pair = export(c, str(tmp_path / "b"), "image", lora=True, rank=10_000, base=True)
     assert read_json(os.path.join(pair, "lora", REPORT))["probe"]["relative_error"] < 1e-5
@@ -500,6 +505,14 @@ def test_qwen_route_as_lora_over_the_merged_llm_and_over_its_class(cls, method, 
     want = _route_logits(c, m, IDS)
     assert (want - plain).abs().max() > 1e-3  # the adapter matters
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    view = read_json(os.path.join(out, REPORT))["vllm"]
+    assert any("Qwen2ForCausalLM" in n for n in view["notes"]) == (method == "mmer")  # embedding / head factors
+    if method == "mmer":  # the biases (and norms), which vLLM refuses: said, and left out with --vllm
+        assert any("routed biases kept whole" in why for why in view["rejected"])
+        v = export(c, str(tmp_path / "v"), m, lora=True, rank=rank, vllm=True)
+        assert_vllm_takes(v, read_json(os.path.join(c, "config.json"))["vocab_size"])
+        assert {n for n in read_json(os.path.join(v, REPORT))["left_out"] if n.endswith(".bias")} == {
+            k[len("base_model.model."):-len(".base_layer.bias")] + ".bias" for k in biases}
 
     if method == "damc":  # a source that learned no prefix/suffix: the class can hold its route
         manifest = read_json(os.path.join(c, "composite_config.json"))
@@ -590,3 +603,60 @@ def test_checkpoint_of_a_source_with_a_hub_style_flat_config(cls, request, tmp_p
     want = _route_of(c, "image", CompositeProcessor.from_pretrained(c)(PROMPTS[0], media={"image": pngs}))
     assert got.shape[:-1] == want.shape[:-1]
     torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-5, atol=1e-5)
+
+
+#: the forms vLLM's LoRA loader takes, read from its source (docs/serving.md: files, commits, lines):
+#: vllm/lora/utils.py parse_fine_tuned_lora_name takes `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` /
+#: `.lora_embedding_A` / `.lora_embedding_B` and raises "... is unsupported LoRA weight" on any other tensor;
+#: vllm/lora/peft_helper.py PEFTHelper refuses a non-empty `modules_to_save` ("vLLM only supports modules_to_save
+#: being None") and a `bias` other than "none" (without bias_enabled, which later versions dropped);
+#: vllm/lora/lora_model.py from_lora_tensors refuses a `lora_embedding_A` whose columns are not the base's vocabulary
+VLLM_TENSOR = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+def assert_vllm_takes(adapter, vocab_size):
+    cfg = read_json(os.path.join(adapter, "adapter_config.json"))
+    assert not cfg["modules_to_save"] and cfg["bias"] == "none"
+    tensors = read_dir(adapter)
+    assert [k for k in tensors if not VLLM_TENSOR.match(k)] == []
+    assert {v.shape[1] for k, v in tensors.items() if k.endswith(".lora_embedding_A")} <= {vocab_size}
+
+
+def test_vllm_form_of_an_mmer_adapter(mmer, tmp_path):
+    """An MMER route changes the norms, which a LoRA adapter keeps whole (modules_to_save): vLLM refuses
+    that, and the export says so (report, card, a warning). `--vllm` leaves them out: the files take
+    vLLM's forms, and the probe error it reports is the one PEFT gives on the same probe ids."""
+    from peft import PeftModel
+
+    from mergekit_multimodal.export import PROBE_LENGTH, PROBE_SEED
+
+    full = export(mmer, str(tmp_path / "full"), "audio", lora=True, rank=10_000)
+    report = read_json(os.path.join(full, REPORT))
+    assert len(report["vllm"]["rejected"]) == 1 and "modules_to_save" in report["vllm"]["rejected"][0]
+    assert "vLLM would refuse this adapter: adapter_config.json lists modules_to_save" in open(
+        os.path.join(full, "README.md")).read()
+
+    result = CliRunner().invoke(main, [mmer, str(tmp_path / "v"), "--route", "audio", "--lora", "--rank", "10000",
+                                       "--vllm"])
+    assert result.exit_code == 0, result.output
+    assert "warning: vLLM would refuse" not in result.output
+    assert f"{len(report['whole_weights'])} whole weights left out for vLLM" in result.output
+    v = str(tmp_path / "v")
+    vocab = read_json(os.path.join(mmer, "config.json"))["vocab_size"]
+    assert_vllm_takes(v, vocab)
+    ours = read_json(os.path.join(v, REPORT))
+    assert ours["left_out"] == report["whole_weights"] and ours["exact"] is False and ours["vllm"]["rejected"] == []
+    ids = torch.randint(0, V0, (1, PROBE_LENGTH), generator=torch.Generator().manual_seed(PROBE_SEED))
+    want = _route_logits(mmer, "audio", ids)
+    base = transformers.AutoModelForCausalLM.from_pretrained(mmer)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, v).eval()(input_ids=ids).logits
+    measured = float((got - want).norm() / want.norm())
+    assert measured > 1e-4  # the norms left out matter, and the report says by how much
+    assert ours["probe"]["relative_error"] == pytest.approx(measured, rel=1e-3)
+    # the --base pair in vLLM's form: the adapter's embedding rows are the base's vocabulary
+    pair = export(mmer, str(tmp_path / "p"), "image", lora=True, rank=10_000, base=True, vllm=True)
+    assert_vllm_takes(os.path.join(pair, "lora"), read_json(os.path.join(pair, "base", "config.json"))["text_config"][
+        "vocab_size"])
+    with pytest.raises(CompositionError, match=r"^--vllm is for --lora"):
+        export(mmer, str(tmp_path / "x"), "image", vllm=True)
