@@ -459,8 +459,8 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
     for name, w in biases.items():  # where PEFT's bias="lora_only" saves a LoRA layer's bias
         tensors[f"base_model.model.{module_of(name)}.base_layer.bias"] = w.contiguous()
     if not tensors:
-        raise CompositionError(f"{path}: route {m!r} equals the merged LLM on every tensor a LoRA adapter can hold; "
-                               "there is nothing to export")
+        raise CompositionError(f"{path}: route {m!r} equals the merged LLM on every tensor a LoRA adapter can hold"
+                               f"{' (--vllm left out its whole weights)' if left_out else ''}; there is nothing to export")
     from safetensors.torch import save_file  # the adapter is low-rank: one file, as PEFT writes it
 
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
