@@ -52,10 +52,11 @@ PROBE_LENGTH, PROBE_SEED = 16, 0
 
 
 def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Optional[int] = None,
-           base: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE) -> str:
+           base: bool = False, vllm: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE) -> str:
     """Write route `route` of `composite` to `out` (a checkpoint, or with `lora` a PEFT adapter; with
     `base` too, `out/base` and `out/lora`: source m's class holding the merged LLM and the adapter
-    laid out for it) and return its path; on any failure nothing is left at `out`.
+    laid out for it; with `vllm`, an adapter without what vLLM's LoRA loader refuses, the loss measured)
+    and return its path; on any failure nothing is left at `out`.
 
     >>> export("my-composite", "my-composite-image", "image")  # doctest: +SKIP
     """
@@ -68,6 +69,9 @@ def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Op
     if base and not lora:
         raise CompositionError("--base is for --lora (the checkpoint an adapter applies to); a checkpoint export "
                                "of the route needs no base")
+    if vllm and not lora:
+        raise CompositionError("--vllm is for --lora (what vLLM's LoRA loader takes); a checkpoint export needs no "
+                               "adapter")
     if rank is not None and rank < 1:
         raise CompositionError(f"--rank {rank}: must be at least 1")
     if lora:
@@ -80,9 +84,9 @@ def export(composite: str, out: str, route: str, *, lora: bool = False, rank: Op
                 _write_checkpoint(composite, manifest, route, entry, plan, os.path.join(tmp, "base"), shard_size,
                                   merged=True)
                 _write_lora(composite, manifest, route, kinds, rank, os.path.join(tmp, "lora"), plan,
-                            os.path.join(out, "base"))
+                            os.path.join(out, "base"), vllm=vllm)
         else:
-            write = lambda tmp: _write_lora(composite, manifest, route, kinds, rank, tmp)  # noqa: E731
+            write = lambda tmp: _write_lora(composite, manifest, route, kinds, rank, tmp, vllm=vllm)  # noqa: E731
     else:
         plan = _checkpoint_plan(composite, manifest, route, entry)
         write = lambda tmp: _write_checkpoint(composite, manifest, route, entry, plan, tmp, shard_size)  # noqa: E731
@@ -143,7 +147,10 @@ def _checkpoint_plan(path: str, manifest: Manifest, m: str, entry: ModalityEntry
         source_config = json.load(f)
     config = json.loads(json.dumps(source_config))
     config["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
-    config.setdefault("text_config", {})["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = manifest.llm.tie_word_embeddings
+    # else the text fields sit at the top level (Qwen2-VL's Hub configs) or are the class's defaults: a
+    # `text_config` holding only this flag would make the class build its default text model instead
     config.pop("transformers_version", None)
     try:
         cfg = cls.config_class.from_dict(config)
@@ -344,7 +351,9 @@ def _lora_plan(path: str, manifest: Manifest, m: str, rank: Optional[int]) -> Di
     method = get_method(manifest.merge_method)
     for name in sorted(header_shapes(path, "model")):  # sorted: the headers' order is a set's
         module = modules.get(name.rsplit(".", 1)[0])
-        kinds[name] = ("linear" if isinstance(module, torch.nn.Linear) and name.endswith(".weight") else
+        linear = isinstance(module, torch.nn.Linear)
+        kinds[name] = ("linear" if linear and name.endswith(".weight") else
+                       "bias" if linear and name.endswith(".bias") else  # Qwen2's q/k/v_proj
                        "embedding" if isinstance(module, torch.nn.Embedding) else "other")
     if rank is None:
         from mergekit_multimodal.methods.damc.runtime import LowRankDelta  # the only exact low-rank route
@@ -353,7 +362,7 @@ def _lora_plan(path: str, manifest: Manifest, m: str, rank: Optional[int]) -> Di
             d = method.read_deltas(path, manifest, list(manifest.modalities), torch.float32, only=(name,)).get(name)
             if d is None:
                 continue
-            if kinds[name] != "other" and not (isinstance(d, LowRankDelta) and kinds[name] == "linear"):
+            if kinds[name] not in ("other", "bias") and not (isinstance(d, LowRankDelta) and kinds[name] == "linear"):
                 raise CompositionError(
                     f"{path}: route {m!r} of this {manifest.merge_method} composite is not low-rank (tensor {name!r}); "
                     "a LoRA adapter can only approximate it: pass --rank R to choose the rank (the error per tensor and "
@@ -385,10 +394,11 @@ def _factors(delta, route: int, kind: str, rank: Optional[int]) -> Tuple[torch.T
 
 
 def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], rank: Optional[int], out: str,
-                layout: Optional[_CheckpointPlan] = None, base_path: Optional[str] = None) -> None:
+                layout: Optional[_CheckpointPlan] = None, base_path: Optional[str] = None, vllm: bool = False) -> None:
     """The adapter over the merged LLM: as a causal LM (the composite's root, composite ids), or with
     `layout` over source m's class holding the merged LLM (`base_path`; its module names and the
-    source's vocabulary, rows gathered as the base's are)."""
+    source's vocabulary, rows gathered as the base's are). `vllm`: the route's whole weights (norms,
+    biases), which vLLM's loader refuses, left out, and the logit error that costs measured."""
     from peft import LoraConfig
 
     from mergekit_multimodal.methods import get_method
@@ -397,7 +407,7 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
     method = get_method(manifest.merge_method)
     route = manifest.route_ids()[m]
     shapes = header_shapes(path, "model")
-    factors, errors, whole = {}, {}, {}
+    factors, errors, whole, biases = {}, {}, {}, {}
     merged = open_stream(path, "model")
     for name, kind in kinds.items():  # one tensor's delta at a time; the factors are low-rank
         output.check_signals()
@@ -408,6 +418,9 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         if kind == "other":  # a norm: LoRA has no form for it; PEFT keeps the route's whole weight (modules_to_save)
             whole[name] = delta.apply(merged.get_tensor(name).float(), route).to(dtype)
             continue
+        if kind == "bias":  # a LoRA layer's bias: PEFT keeps the route's whole bias on it (bias="lora_only")
+            biases[name] = delta.apply(merged.get_tensor(name).float(), route).to(dtype)
+            continue
         a, b, err = _factors(delta, route, kind, rank)
         if layout is not None and kind == "embedding":  # delta^T = B A: A's columns are the vocabulary's rows
             a = layout.vocab.gather(a.T).T
@@ -416,6 +429,12 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         factors[name] = (kind, a.to(dtype), b.to(dtype))
         errors[name] = err
     merged.flush()
+    for name in biases:  # a bias whose weight the route leaves as it is: zero factors make its layer a LoRA layer
+        weight = name[:-len("bias")] + "weight"
+        if weight not in factors:
+            (rows, cols), dtype = shapes[weight][0], _st_dtype(shapes[weight][1])
+            factors[weight] = ("linear", torch.zeros(1, cols, dtype=dtype), torch.zeros(rows, 1, dtype=dtype))
+            errors[weight] = 0.0
     module_of = ((lambda n: layout.llm_names[n].rsplit(".", 1)[0]) if layout is not None else
                  (lambda n: n.rsplit(".", 1)[0]))
     r = max((a.shape[0] for _, a, _ in factors.values()), default=1)
@@ -432,15 +451,20 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         else:
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    left_out = sorted(whole) + sorted(biases) if vllm else []
+    if vllm:
+        whole, biases = {}, {}
     for name, w in whole.items():
         tensors[f"base_model.model.{module_of(name)}.weight"] = w.contiguous()
+    for name, w in biases.items():  # where PEFT's bias="lora_only" saves a LoRA layer's bias
+        tensors[f"base_model.model.{module_of(name)}.base_layer.bias"] = w.contiguous()
     if not tensors:
-        raise CompositionError(f"{path}: route {m!r} equals the merged LLM on every tensor a LoRA adapter can hold; "
-                               "there is nothing to export")
+        raise CompositionError(f"{path}: route {m!r} equals the merged LLM on every tensor a LoRA adapter can hold"
+                               f"{' (--vllm left out its whole weights)' if left_out else ''}; there is nothing to export")
     from safetensors.torch import save_file  # the adapter is low-rank: one file, as PEFT writes it
 
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
-    LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), lora_dropout=0.0, bias="none",
+    LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), lora_dropout=0.0, bias="lora_only" if biases else "none",
                modules_to_save=sorted(module_of(n) for n in whole) or None,
                task_type="CAUSAL_LM" if layout is None else None,
                # a tied head is the embedding: PEFT ties the head's adapter to the embedding's
@@ -451,21 +475,25 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
         _copy(path, out, TOKENIZER_FILES)
     else:
         _copy(os.path.join(path, entry.path), out, TOKENIZER_FILES)
-    exact = rank is None
+    exact = rank is None and not left_out
     report = {"composite": path, "route": m, "merge_method": manifest.merge_method, "rank": r, "exact": exact,
-              "relative_error": errors, "whole_weights": sorted(whole)}
+              "relative_error": errors, "whole_weights": sorted(whole) + sorted(biases), "left_out": left_out,
+              "vllm": _vllm_view(tensors, whole, biases, manifest.llm.tie_word_embeddings)}
     if not exact:
         report["probe"] = _probe_error(path, m, out, layout, os.path.join(os.path.dirname(out), "base"))
     with open(os.path.join(out, REPORT), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     worst = max(errors.values(), default=0.0)
     note = ("Exact: route m's LLM weights are the base's merged LLM plus this adapter." if exact else
-            f"Approximate (rank {r}): largest relative error per tensor {worst:.4g}, relative logit error on a probe "
-            f"input {report['probe']['relative_error']:.4g}; per tensor in `{REPORT}`.")
+            f"Approximate (rank {r}{', without ' + str(len(left_out)) + ' whole weights vLLM refuses' if left_out else ''})"
+            f": largest relative error per tensor {worst:.4g}, relative logit error on a probe input "
+            f"{report['probe']['relative_error']:.4g}; per tensor in `{REPORT}`.")
+    note += "".join(f"\n\nvLLM would refuse this adapter: {why}" for why in report["vllm"]["rejected"])
+    note += "".join(f"\n\nvLLM: {why}" for why in report["vllm"]["notes"])
     if layout is None:
         _write_card(out, manifest, m, entry, "PEFT LoRA adapter (over the composite's merged LLM)",
                     "Token ids are the composite's (its tokenizer is included).\n",
-                    extra=f"\n{note} Base model: the composite directory's merged LLM (`AutoModelForCausalLM`). "
+                    extra=f"\n{note} Base model: the composite directory's merged LLM ({_base_class(path)}). "
                           "The adapter holds the LLM route only; the encoder and connector are the composite's "
                           f"`modalities/{m}/`.\n")
     else:
@@ -473,6 +501,42 @@ def _write_lora(path: str, manifest: Manifest, m: str, kinds: Dict[str, str], ra
                     "merged LLM, `../base`)", _vocab_text(layout.vocab, manifest, m),
                     extra=f"\n{note} Base model: `../base` (source `{m}`'s class with the merged LLM, the text route); "
                           "serve both with vLLM's `--default-mm-loras` (docs/serving.md).\n")
+
+
+def _base_class(path: str) -> str:
+    """How the card names the class that loads the composite's root (the plain adapter's base)."""
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    if type(cfg) in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING:
+        return "`AutoModelForCausalLM`"
+    return (f"`{causal_lm_class(cfg).__name__}`, from `mergekit_multimodal.families.causal_lm_class`: transformers "
+            f"has no causal-LM class for `{cfg.model_type}`")
+
+
+def _vllm_view(tensors: Dict[str, torch.Tensor], whole: Dict[str, torch.Tensor], biases: Dict[str, torch.Tensor],
+               tied: bool) -> Dict[str, List[str]]:
+    """Why vLLM would refuse the written adapter (`rejected`), and what it depends on or drops (`notes`), as
+    vLLM's LoRA loader reads an adapter (docs/serving.md names its files, commits and lines): PEFTHelper
+    refuses `modules_to_save`; parse_fine_tuned_lora_name takes only `lora_A`/`lora_B` weights and
+    `lora_embedding_A`/`lora_embedding_B`, and refuses any other tensor."""
+    rejected, notes = [], []
+    if whole:
+        rejected.append(f"adapter_config.json lists modules_to_save ({len(whole)} routed norm weights kept whole, e.g. "
+                        f"`{sorted(whole)[0]}`): vLLM's PEFTHelper takes only modules_to_save = None (vllm/lora/"
+                        "peft_helper.py). `--vllm` leaves them out and reports what that costs.")
+    if biases:
+        rejected.append(f"{len(biases)} routed biases kept whole (bias=\"lora_only\", `<module>.base_layer.bias`, e.g. "
+                        f"`{sorted(biases)[0]}`): vLLM parses only lora_A/lora_B weights and lora_embedding_A/B "
+                        "(vllm/lora/utils.py parse_fine_tuned_lora_name). `--vllm` leaves them out and reports what "
+                        "that costs.")
+    if any(k.endswith(".lora_embedding_A") or ".lm_head." in k for k in tensors):
+        notes.append("the embedding / head factors load only where vLLM's language-model class lists `embed_tokens` / "
+                     "`lm_head` in its `embedding_modules` (LlamaForCausalLM, MistralForCausalLM do; Qwen2ForCausalLM, "
+                     "the language model of its Qwen2-VL, Qwen2.5-VL and Qwen2-Audio classes, does not: vLLM refuses "
+                     "the adapter there, vllm/lora/lora_model.py check_unexpected_modules).")
+    if tied and any(k.endswith(".lora_embedding_A") for k in tensors):
+        notes.append("the composite ties the head to the embedding; PEFT applies the embedding factors to the head too "
+                     "(`ensure_weight_tying`), a field vLLM's PEFTHelper does not read: vLLM gets no head factors.")
+    return {"rejected": rejected, "notes": notes}
 
 
 def _probe_error(path: str, m: str, adapter: str, layout: Optional[_CheckpointPlan] = None,
@@ -516,18 +580,25 @@ def _probe_error(path: str, m: str, adapter: str, layout: Optional[_CheckpointPl
 @click.option("--base", is_flag=True,
               help="with --lora: OUT/base (source ROUTE's class holding the merged LLM, the text route) and OUT/lora "
                    "(the adapter laid out for it), the pair vLLM's --default-mm-loras serves")
+@click.option("--vllm", is_flag=True,
+              help="with --lora: leave out what vLLM's LoRA loader refuses (whole norm weights, biases); the logit "
+                   "error that costs is measured and reported")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--debug", is_flag=True, help="show the traceback of an error")
-def main(composite, out, route, lora, rank, base, overwrite, debug):
+def main(composite, out, route, lora, rank, base, vllm, overwrite, debug):
     """Export route ROUTE of COMPOSITE to OUT: its source's own transformers checkpoint, or (--lora)
     a PEFT adapter over the merged LLM. docs/serving.md shows how to serve the result."""
     with cli_errors(1, debug):
-        path = export(composite, out, route, lora=lora, rank=rank, base=base, overwrite=overwrite)
-        if lora and rank is not None:
+        path = export(composite, out, route, lora=lora, rank=rank, base=base, vllm=vllm, overwrite=overwrite)
+        if lora:
             file = os.path.join(path, "lora" if base else "", REPORT)
             with open(file, encoding="utf-8") as f:
                 report = json.load(f)
-            worst = max(report["relative_error"].values(), default=0.0)
-            click.echo(f"rank {report['rank']}: largest relative error per tensor {worst:.4g}, probe logit relative error "
-                       f"{report['probe']['relative_error']:.4g} (per tensor: {file})")
+            if not report["exact"]:
+                worst = max(report["relative_error"].values(), default=0.0)
+                left = f", {len(report['left_out'])} whole weights left out for vLLM" if report["left_out"] else ""
+                click.echo(f"rank {report['rank']}{left}: largest relative error per tensor {worst:.4g}, probe logit "
+                           f"relative error {report['probe']['relative_error']:.4g} (per tensor: {file})")
+            for why in report["vllm"]["rejected"]:
+                click.echo(f"warning: vLLM would refuse this adapter: {why}", err=True)
         click.echo(path)

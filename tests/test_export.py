@@ -9,6 +9,7 @@ tests/test_processor.py). Every family's tiny stand-in is covered (families regi
 import inspect
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from mergekit_multimodal.export import REPORT, export, main
 from mergekit_multimodal.families import tiny_sources
 from mergekit_multimodal.runtime import CompositeModel, CompositeProcessor
 from mergekit_multimodal.testing import SOURCE_KINDS, build_tiny_family
-from tests.helpers import MODALITY, composite_config, read_dir, read_json
+from tests.helpers import MODALITY, PLACEHOLDER_OVERRIDE, composite_config, read_dir, read_json
 from tests.test_damc import TARGETS, _cfg
 from tests.test_processor import FIXTURE, KIND, PLACEHOLDER, source_inputs, write_media
 
@@ -268,6 +269,8 @@ def test_damc_route_as_exact_lora_adapter(family, sources, tmp_path):  # noqa: F
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == c
     assert {t.rsplit(".", 1)[1] for t in cfg["target_modules"]} == set(TARGETS)
     assert read_json(os.path.join(out, REPORT))["exact"] is True
+    assert read_json(os.path.join(out, REPORT))["vllm"]["rejected"] == []  # linears only: vLLM's forms
+    assert_vllm_takes(out, read_json(os.path.join(c, "config.json"))["vocab_size"])
     merged = transformers.AutoModelForCausalLM.from_pretrained(c)
     with torch.no_grad():
         plain = merged(input_ids=IDS).logits
@@ -428,6 +431,232 @@ def test_tied_embeddings_adapter_adapts_the_head(tied_family, tmp_path):
                 str(tmp_path / "c"))
     causal = export(c, str(tmp_path / "a"), "image", lora=True, rank=10_000)
     assert read_json(os.path.join(causal, "adapter_config.json"))["ensure_weight_tying"] is True
+    assert any("(`ensure_weight_tying`), a field vLLM's PEFTHelper does not read" in n
+               for n in read_json(os.path.join(causal, REPORT))["vllm"]["notes"])  # said, not silently lost
     torch.testing.assert_close(_peft_logits(c, causal, IDS), _route_logits(c, "image", IDS), rtol=1e-4, atol=1e-4)
     pair = export(c, str(tmp_path / "b"), "image", lora=True, rank=10_000, base=True)
     assert read_json(os.path.join(pair, "lora", REPORT))["probe"]["relative_error"] < 1e-5
+
+
+# -- Qwen2-VL / Qwen2.5-VL: a merged LLM transformers has no causal-LM class for, biased q/k/v_proj ---
+
+def _qwen_damc_source(fam, out, modality, seed):
+    """A decoupled source trained on the Qwen base: its text model + head (the family's causal LM, as
+    the composite's merged LLM loads), the item's features random (the training helper takes any)."""
+    from mergekit_multimodal.families import causal_lm_class
+    from mergekit_multimodal.methods.damc.train import save_decoupled, train_decoupled
+
+    llm = causal_lm_class(transformers.AutoConfig.from_pretrained(fam.base)).from_pretrained(fam.base)
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"prompt_ids": torch.randint(3, V0, (4,), generator=g), "features": torch.randn(4, 16, generator=g),
+                "target_ids": torch.randint(3, V0, (5,), generator=g)}]
+    trained = train_decoupled(llm, batches, modality=modality, rank=4, alpha=8, steps=6, lr=5e-2,
+                              target_modules=TARGETS, seed=seed)
+    assert trained.losses[-1] < trained.losses[0]
+    return save_decoupled(trained, str(out))
+
+
+#: (family fixture, its stand-ins, the exported route): the second source's route where the composite
+#: names its placeholder its own way (Qwen2.5-VL's OCR fine-tune: <|image_ocr_pad|>, the source's <|image_pad|>)
+QWEN = {"qwen2_vl": ("qwen2_vl_family", ("qwen2_vl", "qwen2_vl_video"), "image"),
+        "qwen2_5_vl": ("qwen25_vl_family", ("qwen2_5_vl", "qwen2_5_vl_ocr"), "image_ocr")}
+
+
+@pytest.mark.parametrize("cls,method", [("qwen2_vl", "mmer"), ("qwen2_5_vl", "mmer"), ("qwen2_5_vl", "damc")])
+def test_qwen_route_as_lora_over_the_merged_llm_and_over_its_class(cls, method, request, tmp_path):
+    """Qwen2-VL's LLM has biased q/k/v_proj, which MMER routes too: the adapter keeps the route's biases
+    where PEFT's bias="lora_only" keeps them (`<module>.base_layer.bias`). `--lora`: the composite's root
+    as the family's causal LM (transformers has none for `qwen2*_vl_text`) with the adapter, by PEFT, is
+    route(m) on text. `--lora --base`: the source class holding the merged LLM with the adapter, by
+    transformers + PEFT on the source processor's own inputs (pixels, grids, 3-D positions), is route(m)
+    on an image prompt. MMER at full rank, DAMC exact (its prefix/suffix left out for the class, as
+    for LLaVA: the class has no place for them)."""
+    from peft import PeftModel
+
+    from mergekit_multimodal.families import causal_lm_class
+    from tests.test_qwen2_vl import CLASSES, PROMPTS
+    from tests.test_qwen2_vl import source_inputs as qwen_inputs
+
+    fixture, kinds, m = QWEN[cls]
+    fam = request.getfixturevalue(fixture)
+    if method == "mmer":
+        config, rank = composite_config(fam, "mmer", list(kinds)), 10_000
+    else:
+        models = [{"model": str(fam.sources[k]), "modality": MODALITY[k],
+                   "adapters": _qwen_damc_source(fam, tmp_path / f"src_{k}", MODALITY[k], seed)}
+                  for seed, k in enumerate(kinds, 1)]
+        models[1]["placeholder"] = PLACEHOLDER_OVERRIDE[kinds[1]]
+        config, rank = {"merge_method": "damc", "base_model": str(fam.base), "models": models}, None
+    c = compose(config, str(tmp_path / "c"))
+
+    out = export(c, str(tmp_path / "a"), m, lora=True, rank=rank)
+    adapter = read_json(os.path.join(out, "adapter_config.json"))
+    biases = {k for k in read_dir(out) if k.endswith(".base_layer.bias")}
+    if method == "mmer":  # every q/k/v_proj bias of the route, on its LoRA layer
+        assert adapter["bias"] == "lora_only" and len(biases) == 3 * 2
+    else:  # DAMC routes the weights it has factors for, no bias
+        assert adapter["bias"] == "none" and not biases
+    base = causal_lm_class(transformers.AutoConfig.from_pretrained(c)).from_pretrained(c).eval()
+    assert f"`{type(base).__name__}`, from `mergekit_multimodal.families.causal_lm_class`" in open(
+        os.path.join(out, "README.md")).read()  # the card names the class that loads its base
+    with torch.no_grad():
+        plain = base(input_ids=IDS).logits
+        got = PeftModel.from_pretrained(base, out).eval()(input_ids=IDS).logits
+    want = _route_logits(c, m, IDS)
+    assert (want - plain).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    view = read_json(os.path.join(out, REPORT))["vllm"]
+    assert any("Qwen2ForCausalLM" in n for n in view["notes"]) == (method == "mmer")  # embedding / head factors
+    if method == "mmer":  # the biases (and norms), which vLLM refuses: said, and left out with --vllm
+        assert any("routed biases kept whole" in why for why in view["rejected"])
+        v = export(c, str(tmp_path / "v"), m, lora=True, rank=rank, vllm=True)
+        assert_vllm_takes(v, read_json(os.path.join(c, "config.json"))["vocab_size"])
+        assert {n for n in read_json(os.path.join(v, REPORT))["left_out"] if n.endswith(".bias")} == {
+            k[len("base_model.model."):-len(".base_layer.bias")] + ".bias" for k in biases}
+
+    if method == "damc":  # a source that learned no prefix/suffix: the class can hold its route
+        manifest = read_json(os.path.join(c, "composite_config.json"))
+        os.remove(os.path.join(c, manifest["modalities"][m].pop("prefix_suffix")))
+        with open(os.path.join(c, "composite_config.json"), "w") as f:
+            json.dump(manifest, f)
+    pair = export(c, str(tmp_path / "e"), m, lora=True, rank=rank, base=True)
+    assert read_json(os.path.join(pair, "lora", "adapter_config.json"))["base_model_name_or_path"] == \
+        os.path.join(pair, "base")
+    from PIL import Image
+
+    pngs = []
+    for i, size in enumerate(((40, 33, 3), (30, 50, 3))):
+        Image.fromarray(torch.randint(0, 256, size, generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+                        .numpy()).save(tmp_path / f"{i}.png")
+        pngs.append(str(tmp_path / f"{i}.png"))
+    inputs = CompositeProcessor.from_pretrained(c)(PROMPTS[0].replace("<image>", f"<{m}>"), media={m: pngs})
+    want = _route_of(c, m, inputs)
+    # the exported side: the source's class and its own processor files, as the source runs them
+    batch = qwen_inputs(os.path.join(pair, "base"), PROMPTS[:1], [Image.open(p) for p in pngs])
+    klass = CLASSES[cls]
+    assert read_json(os.path.join(pair, "base", "config.json"))["architectures"] == [klass.__name__]
+    base, info = klass.from_pretrained(os.path.join(pair, "base"), output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    with torch.no_grad():
+        plain = base.eval()(**batch).logits
+        got = PeftModel.from_pretrained(base, os.path.join(pair, "lora")).eval()(**batch).logits
+    assert got.shape[:-1] == want.shape[:-1]  # (vocabularies: the source's own, the composite's)
+    assert (plain[..., :V0] - want[..., :V0]).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-4, atol=1e-4)
+
+
+#: run by a plain interpreter on an exported checkpoint: transformers alone loads it (the package never
+#: imported) and computes its logits on inputs the test built from the exported files
+PLAIN_LOGITS = """
+import sys, torch, transformers
+model = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1]).eval()
+assert type(model).__name__ == sys.argv[4], type(model).__name__
+assert not [k for k in sys.modules if k.startswith("mergekit")]
+with torch.no_grad():
+    torch.save(model(**torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("cls", ["qwen2_vl", "qwen2_5_vl"])
+def test_checkpoint_of_a_source_with_a_hub_style_flat_config(cls, request, tmp_path):
+    """A Qwen source whose config.json is the Hub's flat layout (Qwen2-VL-7B-Instruct: text fields at
+    the top level, no text_config; legacy tensor keys): its route's checkpoint keeps that layout (a
+    `text_config` holding only the tying flag would make the class build its default 7B text model),
+    loads with plain transformers in a fresh interpreter, and gives route(m)'s logits on the inputs
+    the exported processor files give."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.test_qwen2_vl import CLASSES, PROMPTS, hub_style_copy
+    from tests.test_qwen2_vl import source_inputs as qwen_inputs
+
+    fixture, kinds, _ = QWEN[cls]
+    fam = request.getfixturevalue(fixture)
+    flat = hub_style_copy(fam.sources[kinds[0]], tmp_path / "flat")
+    assert "text_config" not in read_json(flat / "config.json")
+    assert transformers.AutoConfig.from_pretrained(flat).get_text_config().hidden_size == 16  # read as flat
+    assert {k.split(".")[0] for k in read_dir(flat)} == {"model", "visual", "lm_head"}  # legacy keys
+    assert any(k.startswith("model.layers.") for k in read_dir(flat))
+    other = {"model": str(fam.sources[kinds[1]]), "modality": MODALITY[kinds[1]]}
+    if kinds[1] in PLACEHOLDER_OVERRIDE:
+        other["placeholder"] = PLACEHOLDER_OVERRIDE[kinds[1]]
+    c = compose({"merge_method": "mmer", "base_model": str(fam.base),
+                 "models": [{"model": str(flat), "modality": "image"}, other]}, str(tmp_path / "c"))
+    out = export(c, str(tmp_path / "e"), "image")
+    cfg = read_json(os.path.join(out, "config.json"))
+    assert "text_config" not in cfg and cfg["hidden_size"] == 16 and cfg["vocab_size"] == read_json(
+        flat / "config.json")["vocab_size"]
+
+    pngs = []
+    for i, size in enumerate(((40, 33, 3), (30, 50, 3))):
+        Image.fromarray(torch.randint(0, 256, size, generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+                        .numpy()).save(tmp_path / f"{i}.png")
+        pngs.append(str(tmp_path / f"{i}.png"))
+    torch.save(qwen_inputs(out, PROMPTS[:1], [Image.open(p) for p in pngs]), tmp_path / "inputs.pt")
+    run = subprocess.run([sys.executable, "-c", PLAIN_LOGITS, out, str(tmp_path / "inputs.pt"),
+                          str(tmp_path / "logits.pt"), CLASSES[cls].__name__],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = torch.load(tmp_path / "logits.pt")
+    want = _route_of(c, "image", CompositeProcessor.from_pretrained(c)(PROMPTS[0], media={"image": pngs}))
+    assert got.shape[:-1] == want.shape[:-1]
+    torch.testing.assert_close(got[..., :V0], want[..., :V0], rtol=1e-5, atol=1e-5)
+
+
+#: the forms vLLM's LoRA loader takes, read from its source (docs/serving.md: files, commits, lines):
+#: vllm/lora/utils.py parse_fine_tuned_lora_name takes `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` /
+#: `.lora_embedding_A` / `.lora_embedding_B` and raises "... is unsupported LoRA weight" on any other tensor;
+#: vllm/lora/peft_helper.py PEFTHelper refuses a non-empty `modules_to_save` ("vLLM only supports modules_to_save
+#: being None") and a `bias` other than "none" (without bias_enabled, which later versions dropped);
+#: vllm/lora/lora_model.py from_lora_tensors refuses a `lora_embedding_A` whose columns are not the base's vocabulary
+VLLM_TENSOR = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+def assert_vllm_takes(adapter, vocab_size):
+    cfg = read_json(os.path.join(adapter, "adapter_config.json"))
+    assert not cfg["modules_to_save"] and cfg["bias"] == "none"
+    tensors = read_dir(adapter)
+    assert [k for k in tensors if not VLLM_TENSOR.match(k)] == []
+    assert {v.shape[1] for k, v in tensors.items() if k.endswith(".lora_embedding_A")} <= {vocab_size}
+
+
+def test_vllm_form_of_an_mmer_adapter(mmer, tmp_path):
+    """An MMER route changes the norms, which a LoRA adapter keeps whole (modules_to_save): vLLM refuses
+    that, and the export says so (report, card, a warning). `--vllm` leaves them out: the files take
+    vLLM's forms, and the probe error it reports is the one PEFT gives on the same probe ids."""
+    from peft import PeftModel
+
+    from mergekit_multimodal.export import PROBE_LENGTH, PROBE_SEED
+
+    full = export(mmer, str(tmp_path / "full"), "audio", lora=True, rank=10_000)
+    report = read_json(os.path.join(full, REPORT))
+    assert len(report["vllm"]["rejected"]) == 1 and "modules_to_save" in report["vllm"]["rejected"][0]
+    assert "vLLM would refuse this adapter: adapter_config.json lists modules_to_save" in open(
+        os.path.join(full, "README.md")).read()
+
+    result = CliRunner().invoke(main, [mmer, str(tmp_path / "v"), "--route", "audio", "--lora", "--rank", "10000",
+                                       "--vllm"])
+    assert result.exit_code == 0, result.output
+    assert "warning: vLLM would refuse" not in result.output
+    assert f"{len(report['whole_weights'])} whole weights left out for vLLM" in result.output
+    v = str(tmp_path / "v")
+    vocab = read_json(os.path.join(mmer, "config.json"))["vocab_size"]
+    assert_vllm_takes(v, vocab)
+    ours = read_json(os.path.join(v, REPORT))
+    assert ours["left_out"] == report["whole_weights"] and ours["exact"] is False and ours["vllm"]["rejected"] == []
+    ids = torch.randint(0, V0, (1, PROBE_LENGTH), generator=torch.Generator().manual_seed(PROBE_SEED))
+    want = _route_logits(mmer, "audio", ids)
+    base = transformers.AutoModelForCausalLM.from_pretrained(mmer)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, v).eval()(input_ids=ids).logits
+    measured = float((got - want).norm() / want.norm())
+    assert measured > 1e-4  # the norms left out matter, and the report says by how much
+    assert ours["probe"]["relative_error"] == pytest.approx(measured, rel=1e-3)
+    # the --base pair in vLLM's form: the adapter's embedding rows are the base's vocabulary
+    pair = export(mmer, str(tmp_path / "p"), "image", lora=True, rank=10_000, base=True, vllm=True)
+    assert_vllm_takes(os.path.join(pair, "lora"), read_json(os.path.join(pair, "base", "config.json"))["text_config"][
+        "vocab_size"])
+    with pytest.raises(CompositionError, match=r"^--vllm is for --lora"):
+        export(mmer, str(tmp_path / "x"), "image", vllm=True)

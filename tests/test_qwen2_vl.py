@@ -218,19 +218,26 @@ def test_route_m_is_its_source_class_on_route_m_weights(qwen25_vl_family, routes
     assert_generates_like(new, src, batch, opts)
 
 
+def hub_style_copy(src, out):
+    """A copy of a stand-in whose config.json is laid out as the Hub's Qwen2-VL-7B-Instruct /
+    Qwen2.5-VL-7B-Instruct ones are: the LLM's fields at the top level (no text_config),
+    `rope_theta` + `rope_scaling: {type: mrope}`, vision_config nested; tensors as saved (legacy keys)."""
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text.pop("model_type")
+    (out / "config.json").write_text(json.dumps({**cfg, **text, "rope_theta": rope["rope_theta"], "rope_scaling": {
+        "type": "mrope", "mrope_section": rope["mrope_section"]}}))
+    return out
+
+
 def test_a_hub_style_legacy_config_as_the_base(qwen25_vl_family, images, tmp_path):
     """The base a Hub user names (Qwen/Qwen2.5-VL-7B-Instruct): an MLLM whose config.json keeps the
     LLM's fields at the top level (no text_config) and `rope_scaling: {type: mrope}`; its text config
     comes from its transformers class, and the composite still equals its source."""
     fam = qwen25_vl_family
-    base = tmp_path / "base"
-    shutil.copytree(fam.sources["qwen2_5_vl"], base)
-    cfg = json.loads((base / "config.json").read_text())
-    text = cfg.pop("text_config")
-    rope = text.pop("rope_parameters")
-    text.pop("model_type")
-    (base / "config.json").write_text(json.dumps({**cfg, **text, "rope_theta": rope["rope_theta"], "rope_scaling": {
-        "type": "mrope", "mrope_section": rope["mrope_section"]}}))
+    base = hub_style_copy(fam.sources["qwen2_5_vl"], tmp_path / "base")
     out = compose({"merge_method": "mmer", "base_model": str(base),
                    "models": [{"model": str(fam.sources["qwen2_5_vl_ocr"]), "modality": "image"}]}, str(tmp_path / "c"))
     assert json.loads((tmp_path / "c" / "config.json").read_text())["model_type"] == "qwen2_5_vl_text"

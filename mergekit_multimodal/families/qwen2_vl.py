@@ -185,12 +185,15 @@ def causal_lm_class(model_type: str):
             self.post_init()
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                    use_cache=None, logits_to_keep=0, **kwargs):
+                    labels=None, use_cache=None, logits_to_keep=0, **kwargs):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
             hidden = out.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), cache=out.cache)
+            logits = self.lm_head(hidden[:, keep])
+            # as transformers' causal LMs: the shifted cross-entropy (what trains DAMC sources on it, damc/train.py)
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
     TextForCausalLM.__name__ = TextForCausalLM.__qualname__ = f"{text_model.__name__}ForCausalLM"
     _CLASSES[model_type] = TextForCausalLM
@@ -199,6 +202,15 @@ def causal_lm_class(model_type: str):
 
 #: text-config fields that must agree between the sources and with the composite's merged LLM
 _SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _field(text, key):
+    """A text-config field as the text model reads it: a Hub config's legacy `rope_scaling: {type: mrope}`
+    leaves `type` beside the `rope_type` transformers derives from it, which the model reads instead."""
+    value = getattr(text, key, None)
+    if key == "rope_parameters" and isinstance(value, dict) and "rope_type" in value:
+        return {k: v for k, v in value.items() if k != "type"}
+    return value
 
 
 def load_llm(path: str, sources: Sequence[str], dtype):
@@ -213,7 +225,7 @@ def load_llm(path: str, sources: Sequence[str], dtype):
         texts.append((d, cfg.model_type, text))
     (first, model_type, text), rest = texts[0], texts[1:]
     for d, mt, other in rest:
-        diff = [k for k in (*_SHAPE, "rope_parameters") if getattr(other, k, None) != getattr(text, k, None)]
+        diff = [k for k in (*_SHAPE, "rope_parameters") if _field(other, k) != _field(text, k)]
         if mt != model_type or diff:
             raise CompositionError(f"{d}/config.json and {first}/config.json: their language models differ "
                                    f"({', '.join(diff) or 'model_type'}); one composite runs one of them")
