@@ -75,6 +75,35 @@ def test_intervals_cover_seeds_and_questions():
     assert p1 == p2 == 0.5 and lo1 < 0.5 < hi1 and hi2 - lo2 > 2 * (hi1 - lo1)
 
 
+def test_video_shows_the_first_concept_then_the_second():
+    """Each video frame's centre (always inside its concept's rectangle: data.VIDEO_PATCH's least
+    side covers it wherever the rectangle lies) is one concept's colour at a brightness within
+    data.BRIGHTNESS: the first concept's in the first 1-3 frames, the second's after; over many
+    videos every split occurs (a concept may be shown for one frame only)."""
+    import numpy as np
+
+    from mergekit_multimodal.zoo import data
+
+    lo, hi = data.IMAGE_SIZE - data.VIDEO_PATCH[0], data.VIDEO_PATCH[0]  # the centre every rectangle covers
+    assert lo < hi
+
+    def shows(frame, c):  # the centre's median colour is c's at some brightness in range (within pixel noise)
+        med = np.median(frame[lo:hi, lo:hi].reshape(-1, 3).astype(float), axis=0)
+        return any(np.abs(med - np.clip(s * np.array(data.RGB[c], dtype=float), 0, 255)).max() < 10
+                   for s in np.linspace(*data.BRIGHTNESS, 71))
+
+    rng = np.random.default_rng(0)
+    splits = set()
+    for pair in [("red", "blue"), ("yellow", "black"), ("green", "purple"), ("white", "brown")] * 8:
+        v = data.video(pair, rng)
+        assert v.shape == (data.FRAMES, data.IMAGE_SIZE, data.IMAGE_SIZE, 3) and v.dtype == np.uint8
+        shown = [[c for c in pair if shows(f, c)] for f in v]
+        k = shown.count([pair[0]])
+        assert 1 <= k < data.FRAMES and shown == [[pair[0]]] * k + [[pair[1]]] * (data.FRAMES - k), (pair, shown)
+        splits.add(k)
+    assert splits == set(range(1, data.FRAMES)), splits
+
+
 def test_retention_is_computed_from_the_predictions(story):
     """Each accuracy recounted from the saved per-question predictions; retention from those counts."""
     res = story[1]["results"]

@@ -4,7 +4,10 @@ A concept is a colour word. Each input shows two distinct concepts, the first on
 - image (28 px): one colour on the left, the other on the right (the split jitters by a few pixels),
   and 1-4 dots (checkered 4 px squares), more of them on one side than on the other;
 - audio (1 s at 16 kHz): a tone at the first concept's pitch, then one at the second's;
-- video (4 frames of 28 px, with a moving grey dot): two frames of one colour, then two of the other;
+- video (4 frames of 28 px): coloured noise with a rectangle of a concept's colour (20-28 px a side,
+  anywhere, its own size, place and shade in each frame), the first concept's in the first 1-3 frames
+  (drawn: one of the two may be shown for a single frame), the second's in the rest; a checkered dot
+  moves sideways;
 - point cloud (64 xyz points): a cluster at each concept's icosahedron vertex; the first concept's
   cluster is the larger one (40 points against 24: the point encoder does not see point order).
 Each rendering is jittered (brightness, pitch, position) so that near concepts (red / orange / pink /
@@ -44,6 +47,8 @@ IMAGE_SIZE, FRAMES, SAMPLE_RATE, POINTS = 28, 4, 16000, 64
 FIRST_POINTS = 40  # the first concept's cluster: the larger one
 #: rendering jitter: brightness factor range, pixel noise, pitch jitter (relative), point noise
 BRIGHTNESS, PIXEL_NOISE, PITCH_JITTER, AUDIO_NOISE, POINT_NOISE = (0.65, 1.35), 20.0, 0.007, 0.03, 0.55
+#: px: the range of a video frame's concept rectangle's width and height (over coloured noise)
+VIDEO_PATCH = (20, 28)
 DOT = 4  # px: a dot is a DOT x DOT checkered square (0 / 255), visible on every colour
 #: dots per image: 1-4 in all, never as many on the left as on the right
 MAX_DOTS = 4
@@ -117,13 +122,20 @@ def audio(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[in
 
 
 def video(pair: Sequence[str], rng: np.random.Generator, dots: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    frames = np.zeros((FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    """FRAMES frames of coloured noise (every pixel drawn at random: no concept's colour), each with a
+    rectangle of one concept's colour (width and height drawn in VIDEO_PATCH per frame, anywhere: it
+    always covers the frame's centre): the first concept's in the first 1 to FRAMES - 1 frames (drawn:
+    a concept may be shown for one frame only), the second's in the rest. Each frame draws its own
+    shade, and a checkered dot (an image's dot: no concept's colour) moves sideways."""
+    frames = rng.uniform(0, 255, (FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     x, y, dx = rng.integers(2, 20), rng.integers(2, 20), rng.choice([-2, 2])
-    shades = [_shade(c, rng) for c in pair]
+    cut = int(rng.integers(1, FRAMES))  # frames [0, cut) show the first concept
     for f in range(FRAMES):
-        frames[f] = shades[f * 2 // FRAMES]
-        xx = int(np.clip(x + f * dx, 0, IMAGE_SIZE - 6))
-        frames[f, y:y + 6, xx:xx + 6] = 128  # a grey dot moving sideways
+        w, h = (int(v) for v in rng.integers(VIDEO_PATCH[0], VIDEO_PATCH[1] + 1, 2))
+        x0, y0 = int(rng.integers(0, IMAGE_SIZE - w + 1)), int(rng.integers(0, IMAGE_SIZE - h + 1))
+        frames[f, y0:y0 + h, x0:x0 + w] = _shade(pair[0] if f < cut else pair[1], rng)
+        xx = int(np.clip(x + f * dx, 0, IMAGE_SIZE - DOT))
+        frames[f, y:y + DOT, xx:xx + DOT] = _CHECKER
     return np.clip(frames + rng.normal(0, PIXEL_NOISE, frames.shape), 0, 255).astype(np.uint8)
 
 
