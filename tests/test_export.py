@@ -524,11 +524,7 @@ def test_qwen_route_as_lora_over_the_merged_llm_and_over_its_class(cls, method, 
         os.path.join(pair, "base")
     from PIL import Image
 
-    pngs = []
-    for i, size in enumerate(((40, 33, 3), (30, 50, 3))):
-        Image.fromarray(torch.randint(0, 256, size, generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
-                        .numpy()).save(tmp_path / f"{i}.png")
-        pngs.append(str(tmp_path / f"{i}.png"))
+    pngs = _two_pngs(tmp_path)
     inputs = CompositeProcessor.from_pretrained(c)(PROMPTS[0].replace("<image>", f"<{m}>"), media={m: pngs})
     want = _route_of(c, m, inputs)
     # the exported side: the source's class and its own processor files, as the source runs them
@@ -547,6 +543,18 @@ def test_qwen_route_as_lora_over_the_merged_llm_and_over_its_class(cls, method, 
 
 #: run by a plain interpreter on an exported checkpoint: transformers alone loads it (the package never
 #: imported) and computes its logits on inputs the test built from the exported files
+def _two_pngs(d):
+    """Two random PNGs of different sizes (a Qwen prompt's two images) under directory d: their paths."""
+    from PIL import Image
+
+    paths = []
+    for i, size in enumerate(((40, 33, 3), (30, 50, 3))):
+        Image.fromarray(torch.randint(0, 256, size, generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+                        .numpy()).save(d / f"{i}.png")
+        paths.append(str(d / f"{i}.png"))
+    return paths
+
+
 PLAIN_LOGITS = """
 import sys, torch, transformers
 model = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1]).eval()
@@ -589,11 +597,7 @@ def test_checkpoint_of_a_source_with_a_hub_style_flat_config(cls, request, tmp_p
     assert "text_config" not in cfg and cfg["hidden_size"] == 16 and cfg["vocab_size"] == read_json(
         flat / "config.json")["vocab_size"]
 
-    pngs = []
-    for i, size in enumerate(((40, 33, 3), (30, 50, 3))):
-        Image.fromarray(torch.randint(0, 256, size, generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
-                        .numpy()).save(tmp_path / f"{i}.png")
-        pngs.append(str(tmp_path / f"{i}.png"))
+    pngs = _two_pngs(tmp_path)
     torch.save(qwen_inputs(out, PROMPTS[:1], [Image.open(p) for p in pngs]), tmp_path / "inputs.pt")
     run = subprocess.run([sys.executable, "-c", PLAIN_LOGITS, out, str(tmp_path / "inputs.pt"),
                           str(tmp_path / "logits.pt"), CLASSES[cls].__name__],
